@@ -1,0 +1,5 @@
+import sys
+
+from training_backend.cli import main
+
+sys.exit(main())
