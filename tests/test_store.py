@@ -196,3 +196,17 @@ def test_killed_during_saves_never_corrupts(tmp_path):
             np.testing.assert_array_equal(mask, _expected(av.version))
         json.loads((tmp_path / "p" / "index.json").read_text())
     assert len(Project.open(tmp_path / "p").case(cid).annotations) > 6
+
+
+def test_batch_groups_index_writes_and_lets_others_in(tmp_path):
+    p = Project.create(tmp_path / "p", ["lesion"])
+    with p.batch(flush_every_s=0.0):  # flush after every change: others can interleave
+        a = p.add_case(_img(), "a")
+        other = Project.open(tmp_path / "p")
+        assert other.case_ids() == [a]  # flushed already
+        b = p.add_case(_img(), "b")
+    with p.batch(flush_every_s=3600):
+        for i in range(20):
+            p.add_case(_img(seed=i), f"n{i}")
+        assert len(Project.open(tmp_path / "p")) == 2  # not flushed yet
+    assert len(Project.open(tmp_path / "p")) == 22 and p.case(b).name == "b"

@@ -263,6 +263,9 @@ class Project:
         self._outputs: dict = {"version": FORMAT_VERSION, "models": {}, "cases": {}}
         self._index_stamp: tuple | None = None
         self._outputs_stamp: tuple | None = None
+        self._lock_fh = None
+        self._batch_flush: float | None = None
+        self._batch_every = 2.0
         self.refresh()
 
     # ---- creation / opening
@@ -391,12 +394,58 @@ class Project:
     # ---- locking and index I/O
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.path / ".lock", "a+") as fh:
+        """Exclusive project lock (``fcntl.flock``), reentrant within this object."""
+        if self._lock_fh is not None:
+            yield
+            return
+        fh = open(self.path / ".lock", "a+")
+        try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            self._lock_fh = fh
+            yield
+        finally:
+            self._lock_fh = None
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    @contextlib.contextmanager
+    def batch(self, flush_every_s: float = 2.0) -> Iterator["Project"]:
+        """Group many changes (e.g. an import) into few index writes.
+
+        The index is written at most every ``flush_every_s`` seconds and at the end; between
+        flushes the lock is released briefly so that other writers (the GUI) get their turn.
+        A crash loses at most the unflushed cases (their arrays stay unlisted, as garbage).
+        """
+        self._require_writable()
+        if self._batch_flush is not None:
+            yield self
+            return
+        self._batch_flush = time.monotonic()
+        self._batch_every = flush_every_s
+        try:
+            with self._locked():
+                self.refresh()
+                try:
+                    yield self
+                finally:
+                    self._write_index()
+        finally:
+            self._batch_flush = None
+
+    def _write_index(self) -> None:
+        atomic_write_json(self.path / "index.json", self._index)
+        self._index_stamp = self._stamp(self.path / "index.json")
+
+    def _maybe_flush_batch(self) -> None:
+        if self._batch_flush is None or time.monotonic() - self._batch_flush < self._batch_every:
+            return
+        self._write_index()
+        fh = self._lock_fh
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)  # let other writers in, then take it back
+        time.sleep(0.01)
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        self.refresh()
+        self._batch_flush = time.monotonic()
 
     @staticmethod
     def _stamp(path: Path) -> tuple | None:
@@ -425,11 +474,14 @@ class Project:
         @contextlib.contextmanager
         def cm():
             project._require_writable()
+            if project._batch_flush is not None:  # inside batch(): lock held, flush later
+                yield project._index
+                project._maybe_flush_batch()
+                return
             with project._locked():
                 project.refresh()
                 yield project._index
-                atomic_write_json(project.path / "index.json", project._index)
-                project._index_stamp = project._stamp(project.path / "index.json")
+                project._write_index()
         return cm()
 
     def _mutate_outputs(self):
