@@ -833,6 +833,13 @@ class Project:
                        uncertainty=load("uncertainty"), scores=rec.scores,
                        features=load("features") if rec.has_features else None)
 
+    def read_features(self, cid: str) -> np.ndarray | None:
+        """Only the pooled feature vector of the latest outputs (cheap; for diversity sampling)."""
+        rec = self.output_record(cid)
+        if rec is None or not rec.has_features:
+            return None
+        return self._open_array(f"{rec.key}/features")[...]
+
     def register_model(self, model_id: str, info: dict) -> None:
         """Record a trained model (method, checkpoint path, metrics, ...)."""
         with self._mutate_outputs() as outputs:
