@@ -1,0 +1,246 @@
+"""One contract every registered method passes, plus method-specific checks.
+
+Synthetic task: noisy 40 px images; lesion class 1 = bright square, class 2 = dark square.
+Each batch mixes full masks, scribbles, image-label-only cases and unlabelled images.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from training_backend.errors import InputError
+from training_backend.methods import (
+    METHODS,
+    Batch,
+    Prediction,
+    available_methods,
+    create_method,
+    gate_prediction,
+)
+from training_backend.methods.cam import cam_pseudo_target, superpixel_mean
+from training_backend.models import ModelConfig
+
+SIZE = 40
+TINY = ModelConfig(base=8, depth=3, dropout=0.1)
+
+# (method name, options) — every registered method, plus the cam variant with its own classifier
+VARIANTS = [(name, {}) for name in sorted(METHODS)] + [("cam", {"separate_classifier": True})]
+# (channels, K, n_image_classes): grey/K=1/no image classes and RGB/K=2/3 image classes
+SETUPS = [(1, 1, 0), (3, 2, 3)]
+
+
+def make_batch(rng: np.random.Generator, channels: int, k: int, n_img: int, b: int = 8, n_unlabelled: int = 4) -> Batch:
+    """A batch of the synthetic task (3 full masks, 2 scribbles, rest image labels only)."""
+    images, targets, presences, classes = [], [], [], []
+    for i in range(b + n_unlabelled):
+        img = rng.normal(0.0, 0.3, (SIZE, SIZE)).astype(np.float32)
+        full = np.zeros((SIZE, SIZE), np.int64)
+        present = np.zeros(k, np.float32)
+        big = False
+        for c in range(1, k + 1):
+            if rng.random() < (0.6 if k == 1 else 0.5):
+                s = int(rng.integers(7, 15))
+                y, x = rng.integers(0, SIZE - s, 2)
+                img[y : y + s, x : x + s] += 2.0 if c == 1 else -2.0
+                full[y : y + s, x : x + s] = c
+                present[c - 1] = 1
+                big = big or s >= 11
+        if i < 3:
+            target = full
+        elif i < 5:  # scribbles: a random 15% of the pixels
+            target = np.where(rng.random((SIZE, SIZE)) < 0.15, full, -1)
+        else:
+            target = np.full((SIZE, SIZE), -1, np.int64)
+        n_present = int(present.sum())
+        cls = 0 if n_present == 0 else (min(n_present, 2) if k > 1 else (2 if big else 1))
+        images.append(np.stack([img * (1.0 + 0.1 * j) for j in range(channels)]))
+        targets.append(target)
+        presences.append(present)
+        classes.append(cls if n_img else -1)
+    image = torch.as_tensor(np.stack(images))
+    target = torch.as_tensor(np.stack(targets[:b]))
+    has_mask = (target >= 0).flatten(1).any(1)
+    return Batch(
+        image=image[:b],
+        target=target,
+        has_mask=has_mask,
+        full=torch.arange(b) < 3,
+        image_class=torch.as_tensor(classes[:b]),
+        presence=torch.as_tensor(np.stack(presences[:b])),
+        unlabelled=image[b:],
+    )
+
+
+def build(name: str, options: dict, channels: int, k: int, n_img: int):
+    return create_method(name, in_channels=channels, n_classes=k, n_image_classes=n_img, model=TINY, **options)
+
+
+def probe_loss(method, batch: Batch) -> float:
+    """Loss on a fixed batch at the end of training (progress=1), reproducible, no update."""
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(123)
+        return float(method.training_step(batch, step=0, progress=1.0)["loss"])
+
+
+def check_prediction(pred: Prediction, b: int, k: int, n_img: int, size: tuple[int, int]) -> None:
+    h, w = size
+    assert pred.probs.shape == (b, k + 1, h, w)
+    assert torch.allclose(pred.probs.sum(1), torch.ones(b, h, w), atol=1e-4)
+    assert pred.probs.min() >= 0 and pred.probs.max() <= 1 + 1e-6
+    assert pred.cams.shape == (b, k, h, w)
+    assert pred.cams.min() >= 0 and pred.cams.max() <= 1
+    assert pred.presence.shape == (b, k) and pred.presence.min() >= 0 and pred.presence.max() <= 1
+    if n_img == 0:
+        assert pred.image_class is None
+    else:
+        assert pred.image_class.shape == (b, n_img)
+        assert torch.allclose(pred.image_class.sum(1), torch.ones(b), atol=1e-4)
+    assert pred.features.ndim == 2 and pred.features.shape[0] == b and torch.isfinite(pred.features).all()
+
+
+@pytest.mark.parametrize("channels,k,n_img", SETUPS, ids=["grey-K1", "rgb-K2-img3"])
+@pytest.mark.parametrize("name,options", VARIANTS, ids=[n + ("-sep" if o else "") for n, o in VARIANTS])
+def test_method_contract(name, options, channels, k, n_img):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    method = build(name, options, channels, k, n_img)
+    assert method.name == name and method.description
+    params = list(method.trainable_parameters())
+    assert params and all(p.requires_grad for p in params)
+    probe = make_batch(np.random.default_rng(99), channels, k, n_img)
+
+    # one step: finite scalar loss with gradients on the trainable parameters
+    method.train()
+    out = method.training_step(make_batch(rng, channels, k, n_img), step=0, progress=1.0)
+    loss = out["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    loss.backward()
+    with_grad = [p for p in params if p.grad is not None]
+    assert all(torch.isfinite(p.grad).all() for p in with_grad)
+    assert sum(p.numel() for p in with_grad) >= 0.8 * sum(p.numel() for p in params)
+    assert params[0].grad is not None and params[0].grad.abs().sum() > 0  # first encoder conv learns
+
+    # training lowers the loss on a held-out batch of the same task
+    torch.manual_seed(0)
+    method = build(name, options, channels, k, n_img)
+    before = probe_loss(method, probe)
+    opt = torch.optim.Adam(method.trainable_parameters(), lr=3e-3)
+    steps = 30
+    for step in range(steps):
+        method.train()
+        loss = method.training_step(make_batch(rng, channels, k, n_img), step, step / steps)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step, (step + 1) / steps)
+    after = probe_loss(method, probe)
+    assert after < 0.8 * before, (before, after)
+
+    # predict: shapes, ranges, any size, mode restored
+    method.train()
+    odd = torch.randn(2, channels, 37, 45)
+    check_prediction(method.predict(odd), 2, k, n_img, (37, 45))
+    assert method.training
+    method.eval()
+    pred = method.predict(probe.image)
+    check_prediction(pred, len(probe), k, n_img, (SIZE, SIZE))
+    assert not method.training
+
+    # deterministic without dropout; MC dropout gives different samples
+    again = method.predict(probe.image)
+    assert torch.equal(pred.probs, again.probs) and torch.equal(pred.presence, again.presence)
+    s1, s2 = method.predict(probe.image, dropout=True), method.predict(probe.image, dropout=True)
+    flat1 = torch.cat([s1.probs.flatten(), s1.presence.flatten()])
+    flat2 = torch.cat([s2.probs.flatten(), s2.presence.flatten()])
+    assert not torch.allclose(flat1, flat2)
+
+    # state_dict round trip through torch.save / torch.load(weights_only=True)
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    buf.seek(0)
+    clone = build(name, options, channels, k, n_img)
+    clone.load_state_dict(torch.load(buf, weights_only=True))
+    p2 = clone.predict(probe.image)
+    assert torch.allclose(pred.probs, p2.probs, atol=1e-6) and torch.allclose(pred.cams, p2.cams, atol=1e-6)
+
+
+def test_registry_and_options():
+    assert {"supervised", "cam", "mean_teacher"} <= set(METHODS)
+    with pytest.raises(InputError, match="valid: cam, mean_teacher, supervised"):
+        create_method("nope", in_channels=1, n_classes=1, n_image_classes=0)
+    with pytest.raises(InputError, match="unknown option"):
+        create_method("supervised", in_channels=1, n_classes=1, n_image_classes=0, bogus=1)
+    m = create_method("cam", in_channels=1, n_classes=1, n_image_classes=0, model=TINY, cam_hi="0.7", superpixels="50")
+    assert m.options["cam_hi"] == 0.7 and m.options["superpixels"] == 50
+    assert available_methods({"full": 0, "sparse": 0, "image_label": 5, "unlabelled": 9}) == ["cam"]
+    assert available_methods({"sparse": 2}) == ["mean_teacher", "supervised"]
+    assert available_methods({"full": 1, "image_label": 1}) == ["cam", "mean_teacher", "supervised"]
+    assert available_methods({"unlabelled": 100}) == []
+
+
+def test_gate_prediction_moves_mass_to_background():
+    probs = torch.softmax(torch.randn(2, 3, 5, 5), 1)
+    pred = Prediction(probs, torch.zeros(2, 2, 5, 5), torch.tensor([[0.9, 0.2], [0.1, 0.6]]), None, torch.zeros(2, 4))
+    gated = gate_prediction(pred, 0.5)
+    assert torch.equal(gated.probs[0, 1], probs[0, 1]) and (gated.probs[0, 2] == 0).all()
+    assert (gated.probs[1, 1] == 0).all() and torch.equal(gated.probs[1, 2], probs[1, 2])
+    assert torch.allclose(gated.probs.sum(1), torch.ones(2, 5, 5))
+    assert gate_prediction(pred, 0.0) is pred
+
+
+def test_supervised_negative_images_become_background_and_gate():
+    torch.manual_seed(0)
+    m = build("supervised", {}, 1, 1, 0)
+    b = make_batch(np.random.default_rng(1), 1, 1, 0)
+    b.presence[5:] = 0  # image-label-only cases, all negative
+    t = m.supervised_target(b)
+    assert (t[5:] == 0).all() and torch.equal(t[:5], b.target[:5])
+    assert int(m.presence_seen) == 0
+    pred = m.predict(b.image)  # untrained presence head: no gating yet
+    assert pred.probs[:, 1].sum() > 0
+    m.training_step(b, 0, 0.0)
+    assert int(m.presence_seen) == 8
+    m.options["gate_threshold"] = 1.01  # every image below: all gated to background
+    assert (m.predict(b.image).probs[:, 1] == 0).all()
+
+
+def test_cam_pseudo_target_rules():
+    cams = torch.zeros(4, 2, 4, 4)
+    cams[:, 0, 0, 0] = 0.9  # class 1 peak
+    cams[:, 1, 3, 3] = 0.8  # class 2 peak
+    cams[:, 0, 1, 1] = 0.3  # uncertain band
+    presence = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, -1.0], [1.0, -1.0]])
+    t = cam_pseudo_target(cams, presence, hi=0.5, lo=0.2)
+    assert t[0, 0, 0] == 1 and t[0, 3, 3] == 0 and t[0, 1, 1] == -1 and t[0, 2, 2] == 0
+    assert (t[1] == 0).all()  # negative image: all background
+    assert (t[2] == -1).all()  # nothing known: ignored
+    assert t[3, 0, 0] == 1 and t[3, 3, 3] == -1 and t[3, 2, 2] == 0  # unknown class: its peak ignored
+
+
+def test_superpixel_mean_is_piecewise_constant():
+    img = torch.zeros(1, 1, 32, 32)
+    img[..., 8:24, 8:24] = 1.0
+    maps = torch.rand(1, 1, 32, 32)
+    out = superpixel_mean(maps, img, 20)
+    assert out.shape == maps.shape and out.unique().numel() < 40
+    assert torch.allclose(out.mean(), maps.mean(), atol=0.05)
+
+
+def test_mean_teacher_ema_and_state():
+    torch.manual_seed(0)
+    m = build("mean_teacher", {}, 1, 1, 0)
+    assert all(not p.requires_grad for p in m.teacher.parameters())
+    assert any(k.startswith("teacher.") for k in m.state_dict())
+    assert not any(p is q for p in m.trainable_parameters() for q in m.teacher.parameters())
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(1.0)
+    w_s, w_t = next(m.net.parameters()).clone(), next(m.teacher.parameters()).clone()
+    m.after_step(step=1000, progress=0.5)  # decay 0.99
+    assert torch.allclose(next(m.teacher.parameters()), 0.99 * w_t + 0.01 * w_s, atol=1e-6)
+    m.after_step(step=0, progress=0.0)  # first step: teacher = student
+    assert torch.allclose(next(m.teacher.parameters()), w_s)

@@ -1,0 +1,361 @@
+"""The method contract (``Method``, ``Batch``, ``Prediction``, ``Supervision``) and the registry.
+
+A method owns its networks and its losses; the one training loop (``trainer.py``) calls
+``training_step`` / ``after_step`` and the inference code calls ``predict``. The shared helpers
+here give every method the same supervised losses:
+
+* segmentation: partial CE + masked soft Dice on labelled pixels (full masks: every pixel;
+  sparse masks: painted pixels; ignore = -1). A case with no mask whose presence is all 0
+  (a negative image label such as "normal") is an all-background target — correct supervision
+  that teaches the segmenter to leave lesion-free images empty.
+* presence: BCE on the known presence entries (-1 masked).
+* image class: CE on the known image classes (-1 masked).
+
+**Gating.** ``predict`` returns ``gate_prediction(pred, threshold)`` (option ``gate_threshold``,
+default 0.5; 0 disables it): lesion class k is removed (its probability moved to background)
+from every image whose predicted presence of k is below the threshold. The presence head sees
+image-level labels, so lesion-free images come out empty far more often than from the
+segmentation head alone. Gating is skipped while the presence head has never seen a label.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from training_backend.errors import InputError
+from training_backend.losses import image_class_loss, presence_loss, segmentation_losses
+from training_backend.models import ModelConfig, NetOutput, UNet, cam_to_maps, enable_dropout
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What a method can learn from.
+
+    Args:
+        full_masks, sparse_masks, image_labels, unlabelled: kinds of data the method uses.
+        requires: at least one of these kinds ("full", "sparse", "image_label") must exist.
+    """
+
+    full_masks: bool
+    sparse_masks: bool
+    image_labels: bool
+    unlabelled: bool
+    requires: tuple[str, ...]
+
+
+@dataclass
+class Batch:
+    """One training batch (built by ``data.py``; every tensor on the training device)."""
+
+    image: Tensor  # (B, C, S, S) float32, normalised
+    target: Tensor  # (B, S, S) int64, -1 ignore, 0 background, k lesion class k
+    has_mask: Tensor  # (B,) bool — any non-ignored pixel
+    full: Tensor  # (B,) bool — full annotation
+    image_class: Tensor  # (B,) int64, -1 unknown
+    presence: Tensor  # (B, K) float32 in {1, 0, -1 unknown}
+    unlabelled: Tensor | None = None  # (U, C, S, S) images with no supervision at all
+
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy with every tensor on ``device``.
+
+        Args:
+            device: target device.
+        """
+        return Batch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device)) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclass
+class Prediction:
+    """Model outputs for a batch of images (at the input size)."""
+
+    probs: Tensor  # (B, K+1, H, W) softmax
+    cams: Tensor  # (B, K, H, W) in [0, 1]
+    presence: Tensor  # (B, K) probabilities that lesion class k is present
+    image_class: Tensor | None  # (B, n_image_classes) softmax, or None
+    features: Tensor  # (B, F) pooled encoder features
+
+
+def gate_prediction(pred: Prediction, threshold: float = 0.5) -> Prediction:
+    """Remove lesion class k from images whose presence probability for k is below ``threshold``.
+
+    The removed probability mass goes to background, so ``probs`` still sums to 1 and the
+    argmax of a gated image has no pixel of that class. CAMs, presence and features are kept.
+
+    Args:
+        pred: a prediction.
+        threshold: presence probability below which a class is removed (0 = no gating).
+    """
+    if threshold <= 0:
+        return pred
+    keep = (pred.presence >= threshold).to(pred.probs.dtype)[..., None, None]  # (B, K, 1, 1)
+    lesion = pred.probs[:, 1:] * keep  # (B, K, H, W)
+    background = (1.0 - lesion.sum(1, keepdim=True)).clamp(0.0, 1.0)  # (B, 1, H, W)
+    return replace(pred, probs=torch.cat([background, lesion], 1))
+
+
+#: Options every method accepts (``TrainConfig.method_options``), with their defaults.
+COMMON_OPTIONS: dict[str, Any] = {
+    "dice_weight": 1.0,  # weight of the soft Dice term
+    "presence_weight": 0.5,  # weight of the presence BCE
+    "image_class_weight": 0.5,  # weight of the image-class CE
+    "negative_background": True,  # maskless negative images -> all-background target
+    "gate_threshold": 0.5,  # see gate_prediction; 0 disables
+}
+
+
+def _coerce(name: str, default: Any, value: Any) -> Any:
+    """Convert an option value (possibly a string from the CLI) to the type of its default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            f = float(value)
+            if f != int(f):
+                raise ValueError(value)
+            return int(f)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise InputError("method_options", f"option {name!r} must be a {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+class Method(nn.Module):
+    """Base class of training methods; see the module docstring and docs/architecture.md.
+
+    Args:
+        in_channels: image channels (1 grey, 3 RGB).
+        n_classes: K lesion classes.
+        n_image_classes: image-level classes (0 = none).
+        model: architecture (``ModelConfig``, its dict form, or ``None`` for defaults).
+        **options: method options (``COMMON_OPTIONS`` plus the method's ``default_options``);
+            an unknown name raises ``InputError`` listing the valid ones.
+    """
+
+    name: ClassVar[str] = ""
+    supervision: ClassVar[Supervision]
+    description: ClassVar[str] = ""
+    default_options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, in_channels: int, n_classes: int, n_image_classes: int, model: ModelConfig | dict | None = None, **options: Any):
+        super().__init__()
+        if n_classes < 1:
+            raise InputError("classes", f"a method needs at least one lesion class, got {n_classes}")
+        self.in_channels, self.n_classes, self.n_image_classes = int(in_channels), int(n_classes), int(n_image_classes)
+        self.model_config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
+        self.options = self.resolve_options(options)
+        # number of known presence labels trained on (gating waits for the first); in state_dict
+        self.register_buffer("presence_seen", torch.zeros((), dtype=torch.long))
+
+    # ----------------------------------------------------------------- options
+    @classmethod
+    def all_default_options(cls) -> dict[str, Any]:
+        """Every option this method accepts, with its default."""
+        return {**COMMON_OPTIONS, **cls.default_options}
+
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Defaults updated with ``options`` (type-checked; unknown names raise ``InputError``).
+
+        Args:
+            options: user options, e.g. ``TrainConfig.method_options``.
+        """
+        defaults = cls.all_default_options()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise InputError(
+                "method_options", f"unknown option(s) {', '.join(unknown)} for method {cls.name!r}; valid: {', '.join(sorted(defaults))}"
+            )
+        return {k: _coerce(k, v, options.get(k, v)) for k, v in defaults.items()}
+
+    # -------------------------------------------------------------- networks
+    def build_unet(self) -> UNet:
+        """A fresh ``UNet`` for this method's channels/classes/config."""
+        return UNet(self.in_channels, self.n_classes, self.n_image_classes, self.model_config)
+
+    def predict_forward(self, image: Tensor) -> NetOutput:
+        """Network outputs used by ``predict`` (default: ``self.net``). Override to combine nets.
+
+        Args:
+            image: (B, C, H, W) normalised images.
+        """
+        return self.net(image)
+
+    @property
+    def cam_stride(self) -> int:
+        return self.model_config.cam_stride
+
+    # ---------------------------------------------------------- the contract
+    def training_step(self, batch: Batch, step: int, progress: float) -> dict[str, Tensor]:
+        """One optimisation step's losses: ``{"loss": total, **parts}`` (parts detached).
+
+        Args:
+            batch: the batch.
+            step: global step (0-based).
+            progress: fraction of training done, in [0, 1].
+        """
+        raise NotImplementedError
+
+    def after_step(self, step: int, progress: float) -> None:
+        """Called after each optimiser step (default: nothing).
+
+        Args:
+            step: global step just taken.
+            progress: fraction of training done.
+        """
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters the optimiser updates (default: those with ``requires_grad``)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def predict(self, image: Tensor, dropout: bool = False) -> Prediction:
+        """Predict a batch in eval mode (``dropout=True``: dropout stays on, for MC sampling).
+
+        The previous train/eval mode is restored afterwards. Gating (module docstring) is
+        applied with the ``gate_threshold`` option.
+
+        Args:
+            image: (B, C, H, W) normalised images, any H, W.
+            dropout: keep dropout active (one MC sample per call).
+        """
+        was_training = self.training
+        self.eval()
+        if dropout:
+            enable_dropout(self)
+        try:
+            with torch.no_grad():
+                out = self.predict_forward(image)
+                pred = self.prediction_from_output(out, tuple(image.shape[-2:]))
+        finally:
+            self.train(was_training)
+        if int(self.presence_seen) > 0:
+            pred = gate_prediction(pred, float(self.options["gate_threshold"]))
+        return pred
+
+    # --------------------------------------------------------------- helpers
+    def prediction_from_output(self, out: NetOutput, size: tuple[int, int]) -> Prediction:
+        """Turn network outputs into an (ungated) ``Prediction``.
+
+        Args:
+            out: outputs of a ``UNet`` (``seg_logits`` required).
+            size: (H, W) of the input.
+        """
+        return Prediction(
+            probs=torch.softmax(out.seg_logits, 1),  # (B, K+1, H, W)
+            cams=cam_to_maps(out.cam_logits, size, self.cam_stride),  # (B, K, H, W)
+            presence=torch.sigmoid(out.presence_logits),  # (B, K)
+            image_class=None if out.image_logits is None else torch.softmax(out.image_logits, 1),
+            features=out.features,  # (B, F)
+        )
+
+    def supervised_target(self, batch: Batch) -> Tensor:
+        """The segmentation target, with maskless negative images turned all-background.
+
+        Args:
+            batch: the batch.
+
+        Returns:
+            (B, S, S) int64 target.
+        """
+        target = batch.target
+        if self.options["negative_background"]:
+            negative = (~batch.has_mask) & (batch.presence == 0).all(dim=1)  # (B,)
+            if bool(negative.any()):
+                target = torch.where(negative[:, None, None], torch.zeros_like(target), target)
+        return target
+
+    def supervised_losses(self, out: NetOutput, batch: Batch, target: Tensor | None = None, seg_weight: float = 1.0) -> dict[str, Tensor]:
+        """Segmentation + presence + image-class losses on one batch's outputs.
+
+        Args:
+            out: network outputs for ``batch.image`` (``seg_logits`` may be ``None``).
+            batch: the batch.
+            target: segmentation target (default: ``supervised_target(batch)``).
+            seg_weight: multiplier of the segmentation terms (0 skips them).
+
+        Returns:
+            ``{"loss": total, "ce", "dice", "presence", "image_class"}`` — only the parts that had
+            supervision; parts are detached, ``loss`` carries the graph.
+        """
+        o = self.options
+        parts: dict[str, Tensor] = {}
+        terms: list[Tensor] = []
+        if out.seg_logits is not None and seg_weight > 0:
+            seg = segmentation_losses(out.seg_logits, self.supervised_target(batch) if target is None else target)
+            if seg is not None:
+                ce, dice = seg
+                parts["ce"] = ce
+                terms.append(seg_weight * ce)
+                if dice is not None:
+                    parts["dice"] = dice
+                    terms.append(seg_weight * o["dice_weight"] * dice)
+        pres = presence_loss(out.presence_logits, batch.presence)
+        if pres is not None:
+            parts["presence"] = pres
+            terms.append(o["presence_weight"] * pres)
+            if self.training:
+                self.presence_seen += int((batch.presence >= 0).sum())
+        img = image_class_loss(out.image_logits, batch.image_class)
+        if img is not None:
+            parts["image_class"] = img
+            terms.append(o["image_class_weight"] * img)
+        # no supervision at all: a zero that still belongs to the graph
+        total = torch.stack(terms).sum() if terms else out.presence_logits.sum() * 0.0
+        return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
+
+
+# ------------------------------------------------------------------ registry
+METHODS: dict[str, type[Method]] = {}
+
+#: The kinds of labelled data a ``Supervision.requires`` may name.
+DATA_KINDS = ("full", "sparse", "image_label", "unlabelled")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to ``METHODS`` under ``cls.name``.
+
+    Args:
+        cls: a ``Method`` subclass with ``name``, ``supervision`` and ``description``.
+    """
+    if not cls.name or not isinstance(getattr(cls, "supervision", None), Supervision):
+        raise TypeError(f"{cls.__name__} needs a name and a Supervision")
+    bad = sorted(set(cls.supervision.requires) - set(DATA_KINDS))
+    if bad:
+        raise TypeError(f"{cls.__name__}.supervision.requires names unknown kinds {bad}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def create_method(name: str, **kw: Any) -> Method:
+    """Instantiate the registered method ``name``.
+
+    Args:
+        name: a key of ``METHODS``.
+        **kw: constructor arguments (in_channels, n_classes, n_image_classes, model, options...).
+    """
+    if name not in METHODS:
+        raise InputError("method", f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**kw)
+
+
+def available_methods(counts: dict[str, int]) -> list[str]:
+    """Names of the methods whose ``requires`` is met by ``counts``.
+
+    Args:
+        counts: number of cases per kind: keys "full", "sparse", "image_label", "unlabelled"
+            (missing keys count 0).
+    """
+    return sorted(n for n, cls in METHODS.items() if any(counts.get(k, 0) > 0 for k in cls.supervision.requires))
