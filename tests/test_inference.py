@@ -1,0 +1,95 @@
+"""Inference: loading checkpoints safely, outputs at image size, scores, gating, cross-project."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training_backend.errors import InputError
+from training_backend.events import Finished
+from training_backend.inference import (check_compatible, gate_labels, iter_predictions, load_model,
+                                        predict_image, predict_project, resolve_checkpoint)
+from training_backend.models import ModelConfig
+from training_backend.store import Project
+from training_backend.trainer import TrainConfig, train
+
+SCORE_KEYS = {"presence", "image_class", "lesion_frac", "entropy", "entropy_lesion", "bald", "tta_var",
+              "cam_disagreement", "burden_disagreement", "uncertainty_mean"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(project, checkpoint path) of a tiny model trained once for this module."""
+    from conftest import make_tiny_project
+
+    project = make_tiny_project(tmp_path_factory.mktemp("inf") / "tiny")
+    cfg = TrainConfig(steps=40, batch_size=4, image_size=32, lr=3e-3, threads=1, predict=False,
+                      model=ModelConfig(base=8, depth=3), model_id="m", validate_every=1000)
+    fin = train(project.path, cfg)
+    assert isinstance(fin, Finished)
+    return project, project.path / "models" / "m" / "latest.pt"
+
+
+def test_load_model_uses_weights_only_and_restores_the_config(trained):
+    project, ckpt = trained
+    method, cfg = load_model(ckpt, "cpu")
+    assert cfg.image_size == 32 and cfg.model.base == 8 and not method.training
+    assert resolve_checkpoint(project, "m") == ckpt
+    assert resolve_checkpoint(project, ckpt.parent) == ckpt
+    with pytest.raises(InputError, match="no such checkpoint"):
+        resolve_checkpoint(project, "nope")
+    evil = ckpt.parent / "evil.pt"
+    torch.save({"model": {}, "meta": {}, "x": np.dtype("float32")}, evil)  # not plain types
+    with pytest.raises(InputError, match="evil.pt"):
+        load_model(evil)
+
+
+def test_predict_image_outputs_and_scores(trained):
+    project, ckpt = trained
+    method, cfg = load_model(ckpt)
+    image = np.pad(project.read_image("c000001")[4:44], ((0, 0), (4, 4)), mode="edge")  # (40, 56)
+    out = predict_image(method, image, 1, 32, mc_samples=3, image_classes=["normal", "abnormal"])
+    assert out["pred"].shape == (40, 56) and out["pred"].dtype == np.uint8
+    assert out["prob"].shape == (2, 40, 56) and out["prob"].dtype == np.float16
+    np.testing.assert_allclose(out["prob"].astype(np.float32).sum(0), 1.0, atol=5e-3)
+    assert out["cam"].shape == (1, 40, 56) and 0 <= out["cam"].min() and out["cam"].max() <= 1
+    assert out["uncertainty"].shape == (40, 56) and out["features"].dtype == np.float32
+    scores = out["scores"]
+    assert set(scores) == SCORE_KEYS and set(scores["image_class"]) == {"normal", "abnormal"}
+    for key in SCORE_KEYS - {"presence", "image_class"}:
+        assert math.isfinite(scores[key]) and scores[key] >= 0, key
+    assert scores["lesion_frac"] == pytest.approx(float((out["pred"] > 0).mean()))
+    single = predict_image(method, image, 1, 32, mc_samples=1)
+    assert single["scores"]["bald"] == 0.0 and single["scores"]["uncertainty_mean"] > 0
+    window = predict_image(method, image, 1, 32, mc_samples=2, working_size=64)  # sliding window
+    assert window["prob"].shape == (2, 40, 56) and set(window["scores"]) == SCORE_KEYS
+    rgb = predict_image(method, np.stack([image] * 3, -1), 1, 32, mc_samples=1)  # RGB → grey model
+    assert rgb["pred"].shape == (40, 56)
+
+
+def test_gate_labels_removes_absent_classes():
+    labels = torch.tensor([[[0, 1, 2], [2, 1, 0]], [[1, 1, 2], [0, 0, 0]]])  # (2, 2, 3)
+    presence = torch.tensor([[0.9, 0.2], [0.1, 0.8]])
+    gated = gate_labels(labels, presence, 0.5)
+    assert gated[0].tolist() == [[0, 1, 0], [0, 1, 0]] and gated[1].tolist() == [[0, 0, 2], [0, 0, 0]]
+    assert torch.equal(gate_labels(labels, presence, 0.0), labels)
+
+
+def test_model_predicts_another_project_with_the_same_classes(trained, tiny_project_factory):
+    _, ckpt = trained
+    other = tiny_project_factory("other", layout=("none", "none"), n_holdout=0, size=40, seed=3)
+    done = predict_project(other, str(ckpt), mc_samples=2, device="cpu")
+    assert done == other.case_ids()
+    again = Project.open(other.path)
+    out = again.read_outputs(done[0])
+    assert out.model_id == "m" and out.pred.shape == (40, 40) and set(out.scores) == SCORE_KEYS
+    progress = list(iter_predictions(again, str(ckpt), case_ids=[done[1]], mc_samples=1, device="cpu"))
+    assert [(p.index, p.total, p.case_id) for p in progress] == [(1, 1, done[1])]
+
+    two = tiny_project_factory("two", layout=("none",), n_holdout=0, classes=("MA", "HE"))
+    with pytest.raises(InputError, match="lesion class"):
+        predict_project(two, str(ckpt), device="cpu")
+    meta = torch.load(ckpt, weights_only=True)["meta"]
+    check_compatible(other, meta, ckpt)  # same single class: fine

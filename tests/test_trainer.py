@@ -1,0 +1,299 @@
+"""The shared training loop and the data snapshot, in-process on the tiny project."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training_backend.data import (Preprocessor, build_training_set, project_channels, resize_target,
+                                   select_validation)
+from training_backend.errors import InputError
+from training_backend.events import (CheckpointSaved, Failed, Finished, Loss, PredictionsReady,
+                                     Progress, RoundFinished, Started, Validation)
+from training_backend.methods import METHODS
+from training_backend.models import ModelConfig
+from training_backend.store import BACKGROUND, Project
+from training_backend.trainer import TrainConfig, lr_factor, run_training, train
+
+TINY_MODEL = ModelConfig(base=4, depth=2, cam_levels=2)
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=2, image_size=32, model=TINY_MODEL, threads=1,
+                validate_every=3, mc_samples=2, predict=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def collect(project_path, config, **kw) -> list:
+    """All events of a run; a Failed event can only be the last one."""
+    events = list(run_training(project_path, config, **kw))
+    assert not any(isinstance(e, Failed) for e in events[:-1])
+    return events
+
+
+# ----------------------------------------------------------------------------- config
+def test_train_config_json_roundtrip_and_checks():
+    cfg = TrainConfig(method="mean_teacher", method_options={"ema": 0.9}, steps=10,
+                      model=ModelConfig(base=8), init_from="x.pt", model_id="m1")
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.model, ModelConfig)
+    assert TrainConfig.from_dict({**cfg.to_dict(), "from_the_future": 1}) == cfg
+    assert TrainConfig().budget == 300.0 and TrainConfig(steps=5).budget is None
+    for bad in ({"steps": 0}, {"lr": -1.0}, {"batch_size": 0}, {"rounds": 0},
+                {"model_id": "a/b"}, {"image_size": 8}):
+        with pytest.raises(InputError):
+            TrainConfig(**bad)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_factor(0, 0.0, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 0.1, 10) > lr_factor(0, 0.0, 10)
+    assert lr_factor(100, 0.5, 10) > lr_factor(100, 0.9, 10) > lr_factor(100, 1.0, 10) == pytest.approx(0.05)
+
+
+# ----------------------------------------------------------------------------- data
+def test_training_set_snapshot_groups(tiny_project):
+    ts = build_training_set(tiny_project, 32, METHODS["supervised"].supervision)
+    ids = set(ts.case_ids)
+    assert not ids & {"c000009", "c000010"}  # holdout never read
+    assert ts.val.numel() == 1 and ts.full[ts.val].all()  # 1 of the 4 full cases validates
+    val_id = ts.case_ids[int(ts.val[0])]
+    assert val_id in {"c000001", "c000002", "c000003", "c000004"}
+    assert select_validation(["c000001", "c000002", "c000003", "c000004"]) == [val_id]
+    assert ts.unlabelled.numel() == 0  # supervised does not use unlabelled images
+    assert ts.labelled.numel() == 6 and ts.n_val == 1
+    assert ts.images.shape == (7, 1, 32, 32) and ts.targets.shape == (7, 32, 32)
+    assert ts.label_probs.sum() == pytest.approx(1.0)
+    assert ts.counts == {"full": 3, "sparse": 1, "image_label": 5, "unlabelled": 1}
+    # negative image: presence 0, image class 0 (normal); sparse case: some pixels ignored
+    neg = ts.case_ids.index("c000007")
+    assert ts.presence[neg].tolist() == [0.0] and int(ts.image_class[neg]) == 0
+    sp = ts.case_ids.index("c000005")
+    assert ts.has_mask[sp] and not ts.full[sp] and (ts.targets[sp] == -1).any()
+    assert set(ts.targets[sp].unique().tolist()) == {-1, 0, 1}
+
+    mt = build_training_set(tiny_project, 32, METHODS["mean_teacher"].supervision)
+    assert [mt.case_ids[int(i)] for i in mt.unlabelled] == ["c000008"]
+    batch = mt.sample(3, torch.Generator().manual_seed(0), unlabelled_size=2)
+    assert batch.image.shape == (3, 1, 32, 32) and batch.unlabelled.shape == (2, 1, 32, 32)
+    assert batch.target.dtype == torch.int64 and batch.presence.shape == (3, 1)
+
+    cam = build_training_set(tiny_project, 32, METHODS["cam"].supervision)
+    assert cam.presence[cam.labelled].ne(-1).all()  # only cases with image-level information
+
+
+def test_resize_target_keeps_scribbles_and_majority():
+    t = np.full((64, 64), -1, np.int64)
+    t[10, 5:60] = 1  # a one-pixel scribble
+    t[40:44, 40:44] = 0
+    small = resize_target(t, 16)
+    assert (small == 1).sum() >= 10 and (small == 0).sum() >= 1 and (small == -1).sum() > 200
+    full = np.zeros((64, 64), np.int64)
+    full[:32] = 1
+    assert (resize_target(full, 16)[:8] == 1).all() and (resize_target(full, 16)[8:] == 0).all()
+
+
+def test_augmentation_flips_image_and_target_together():
+    from training_backend.data import augment_batch
+
+    target = torch.zeros(64, 8, 8, dtype=torch.int64)
+    target[:, 1:3, 0:2] = 1  # a corner blob, flips move it to other corners
+    image = (target.float() * 4.0)[:, None].repeat(1, 2, 1, 1)  # (64, 2, 8, 8)
+    aug, tgt = augment_batch(image, target, torch.Generator().manual_seed(1))
+    assert ((aug > 2.0) == (tgt == 1)[:, None]).all()
+    assert len({tuple(t.nonzero()[0].tolist()) for t in tgt}) == 4  # all four flip combinations
+    assert not torch.equal(aug, image)
+
+
+def test_mixed_grey_and_rgb_follow_the_majority(tiny_project_factory):
+    project = tiny_project_factory(rgb_cases=[0, 5])
+    assert project.case("c000001").channels == 3 and project_channels(project) == 1
+    ts = build_training_set(project, 32)
+    assert ts.images.shape[1] == 1 and torch.isfinite(ts.images).all()
+    mostly_rgb = tiny_project_factory("rgb", rgb_cases=range(7))
+    assert project_channels(mostly_rgb) == 3
+    pre = Preprocessor(32, 3)
+    assert pre.image(mostly_rgb, mostly_rgb.case("c000008")).shape == (3, 32, 32)  # grey → RGB
+
+
+def test_snapshot_reads_only_listed_annotation_versions(tiny_project):
+    pre = Preprocessor(32, 1)
+    rec = tiny_project.case("c000001")  # snapshot record (version 1)
+    mask, _ = tiny_project.read_annotation("c000001")
+    other = Project.open(tiny_project.path)
+    other.save_annotation("c000001", np.zeros_like(mask), "full")  # another process saves v2
+    t1, _ = pre.target(tiny_project, rec)
+    assert (t1 == 1).any()  # still version 1: the record says so
+    tiny_project.refresh()
+    t2, pres = pre.target(tiny_project, tiny_project.case("c000001"))
+    assert not (t2 == 1).any() and pres == [0]
+
+
+# ----------------------------------------------------------------------------- the loop
+def test_tiny_training_events_checkpoint_and_predictions(tiny_project):
+    cfg = tiny_config(steps=6, predict=True, checkpoint_every_s=1e-3)
+    events = collect(tiny_project.path, cfg)
+    assert isinstance(events[0], Started) and isinstance(events[-1], Finished), events[-1]
+    start, fin = events[0], events[-1]
+    assert (start.n_train, start.n_val, start.total_steps) == (6, 1, 6)
+    assert fin.reason == "steps" and fin.step == 6 and fin.model_id == start.model_id
+    progress = [e for e in events if isinstance(e, Progress)]
+    steps = [p.step for p in progress]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and progress[-1].fraction == 1.0
+    losses = [e for e in events if isinstance(e, Loss)]
+    assert losses and all(np.isfinite(v) for e in losses for v in e.values.values())
+    assert "loss" in losses[-1].values
+    vals = [e for e in events if isinstance(e, Validation)]
+    assert [v.step for v in vals] == [3, 6] and set(vals[-1].per_class) == {"lesion"}
+    ckpts = [e for e in events if isinstance(e, CheckpointSaved)]
+    assert len(ckpts) >= 2 and ckpts[-1].step == 6
+    assert sum(isinstance(e, RoundFinished) for e in events) == 1
+    ready = [e for e in events if isinstance(e, PredictionsReady)]
+    assert len(ready) == 1 and set(ready[0].case_ids) == set(tiny_project.case_ids())
+
+    mdir = tiny_project.path / "models" / start.model_id
+    ckpt = torch.load(mdir / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["meta"]["in_channels"] == 1 and ckpt["meta"]["classes"] == ["lesion"]
+    assert set(ckpt) >= {"model", "optimizer", "rng", "elapsed_s", "meta"}
+    assert json.loads((mdir / "config.json").read_text())["steps"] == 6
+    assert len(list(mdir.glob("step_*.pt"))) <= 3
+
+    tiny_project.refresh()
+    info = tiny_project.models()[start.model_id]
+    assert info["step"] == 6 and info["method"] == "supervised" and info["status"] == "finished"
+    out = tiny_project.read_outputs("c000009")
+    assert out.model_id == start.model_id and out.pred.shape == (48, 48) and out.prob.shape == (2, 48, 48)
+    assert out.cam.shape == (1, 48, 48) and out.uncertainty.shape == (48, 48) and out.features.ndim == 1
+    assert set(out.scores) >= {"presence", "image_class", "lesion_frac", "entropy", "entropy_lesion",
+                               "bald", "tta_var", "cam_disagreement", "burden_disagreement",
+                               "uncertainty_mean"}
+    # annotations untouched by training
+    assert [a.version for a in tiny_project.case("c000001").annotations] == [1]
+
+
+def _weights(project, model_id):
+    return torch.load(project.path / "models" / model_id / "latest.pt", weights_only=True)["model"]
+
+
+def test_cancel_then_resume_matches_an_uninterrupted_run(tiny_project):
+    polls = []
+
+    def cancel():  # polled once before every step: True at the 4th poll = after 3 steps
+        polls.append(1)
+        return len(polls) > 3
+
+    events = collect(tiny_project.path, tiny_config(steps=8, model_id="a"), cancel=cancel)
+    assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled"
+    stopped_at = events[-1].step
+    assert stopped_at == 3 and not any(isinstance(e, PredictionsReady) for e in events)
+    tiny_project.refresh()
+    assert tiny_project.models()["a"]["status"] == "cancelled"
+
+    resumed = collect(tiny_project.path, TrainConfig(model_id="a", threads=1), resume=True)
+    assert resumed[0].start_step == stopped_at and resumed[0].total_steps == 8
+    assert isinstance(resumed[-1], Finished) and (resumed[-1].step, resumed[-1].reason) == (8, "steps")
+
+    straight = collect(tiny_project.path, tiny_config(steps=8, model_id="b"))
+    assert isinstance(straight[-1], Finished)
+    wa, wb = _weights(tiny_project, "a"), _weights(tiny_project, "b")
+    for key in wb:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_rounds_pick_up_new_annotations(tiny_project):
+    other = Project.open(tiny_project.path)  # "the GUI"
+    rounds = []
+    for e in run_training(tiny_project.path, tiny_config(steps=6, rounds=2, validate_every=100)):
+        if isinstance(e, RoundFinished):
+            rounds.append(e)
+            if e.round == 1:  # a clinician scribbles on an unlabelled case while training runs
+                ref = other.read_reference("c000008")
+                scribble = np.where(ref > 0, ref, 0).astype(np.uint8)
+                scribble[:3] = np.where(ref[:3] == 0, BACKGROUND, scribble[:3])
+                other.save_annotation("c000008", scribble, "sparse")
+        assert not isinstance(e, Failed), e.traceback
+    assert [r.round for r in rounds] == [1, 2]
+    assert rounds[0].n_annotations == 6 and rounds[1].n_annotations == 7
+
+
+def test_budget_mode_and_fine_tuning(tiny_project):
+    events = collect(tiny_project.path, tiny_config(steps=None, budget_s=0.5, model_id="budget"))
+    fin = events[-1]
+    assert isinstance(fin, Finished) and fin.reason == "budget" and fin.step >= 1
+    assert events[0].budget_s == 0.5 and events[0].total_steps is None
+    tuned = collect(tiny_project.path, tiny_config(steps=2, init_from="budget", model_id="tuned"))
+    assert isinstance(tuned[-1], Finished) and tuned[-1].step == 2
+
+
+def test_user_errors_end_with_one_failed_event(tiny_project_factory, tiny_project):
+    labels_only = tiny_project_factory("labels", layout=("label", "negative", "label"))
+    events = collect(labels_only.path, tiny_config())
+    assert len(events) == 1 and isinstance(events[0], Failed) and events[0].user_error
+    assert "supervised" in events[0].message and "full masks" in events[0].message
+    cam = collect(labels_only.path, tiny_config(method="cam", steps=2))
+    assert isinstance(cam[-1], Finished)
+
+    bad = collect(tiny_project.path, tiny_config(method="nope"))
+    assert isinstance(bad[-1], Failed) and "nope" in bad[-1].message and "supervised" in bad[-1].message
+    assert isinstance(collect(tiny_project.path, tiny_config(model_id="x", steps=1))[-1], Finished)
+    again = collect(tiny_project.path, tiny_config(model_id="x", steps=1))
+    assert isinstance(again[-1], Failed) and "--resume" in again[-1].message
+    nothing = collect(tiny_project.path, TrainConfig(model_id="missing"), resume=True)
+    assert isinstance(nothing[-1], Failed) and nothing[-1].user_error
+    with pytest.raises(Exception, match="no checkpoint"):
+        train(tiny_project.path, TrainConfig(model_id="missing"), resume=True)
+
+
+def test_sparse_background_scribbles_become_background_targets(tiny_project):
+    rec = tiny_project.case("c000005")
+    mask, av = tiny_project.read_annotation(rec.id)
+    assert av.kind == "sparse" and (mask == BACKGROUND).any()
+    tgt, _ = Preprocessor(48, 1).target(tiny_project, rec)
+    assert ((tgt == 0) == torch.from_numpy(mask == BACKGROUND)).all()
+
+
+@pytest.mark.slow
+def test_loop_overhead_vs_a_bare_torch_loop(tiny_project):
+    """CPU time per step of `run_training` ≤ 1.10× a bare forward/backward/AdamW loop on the same
+    batches (process time, so other load on the machine does not count)."""
+    import statistics
+    import time
+
+    from training_backend.methods import create_method
+
+    n, model = 40, ModelConfig(base=16, depth=4)
+    ts = build_training_set(tiny_project, 32, METHODS["supervised"].supervision)
+    g = torch.Generator().manual_seed(0)
+    batches = [ts.sample(8, g) for _ in range(n)]
+    clock = time.process_time
+
+    def bare() -> float:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        m = create_method("supervised", in_channels=1, n_classes=1, n_image_classes=2, model=model)
+        opt = torch.optim.AdamW(m.parameters(), 1e-3, weight_decay=1e-4)
+        m.train()
+        t = 0.0
+        for i, b in enumerate(batches):
+            t = clock() if i == 1 else t
+            out = m.training_step(b, i, i / n)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        return (clock() - t) / (n - 1)
+
+    def loop() -> float:
+        cfg = TrainConfig(steps=n, batch_size=8, image_size=32, model=model, threads=1,
+                          validate_every=10**6, predict=False)
+        t0 = t1 = None
+        for e in run_training(tiny_project.path, cfg):
+            if isinstance(e, Progress):
+                t0 = clock() if e.step == 1 else t0
+                t1 = clock() if e.step == n else t1
+        return (t1 - t0) / (n - 1)
+
+    bares, loops = zip(*[(bare(), loop()) for _ in range(3)])
+    assert statistics.median(loops) <= 1.10 * statistics.median(bares)

@@ -1,0 +1,414 @@
+"""From the project store to training tensors.
+
+`build_training_set` takes a consistent snapshot of a project (the in-memory index after
+`Project.refresh()`; every annotation read is the version listed there, so a mask that another
+process is still writing is never seen), preprocesses every usable case once (resize to
+``image_size``², per-image robust normalisation, grey/RGB made consistent) and keeps the tensors in
+memory. `TrainingSet.sample` builds augmented `Batch` objects for the training loop.
+
+Who trains on what:
+
+* ``split == "holdout"`` cases are never read here;
+* a deterministic ~15 % of the fully annotated training cases (at least 1, only when there are at
+  least 4) are validation cases: scored, never trained on;
+* the remaining cases are *labelled* when they carry supervision the method can use (a full or a
+  sparse mask, an image label or per-class presence), otherwise *unlabelled* (fed to methods
+  whose ``supervision.unlabelled`` is True, skipped for the others).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training_backend.methods.base import Batch, Supervision
+from training_backend.store import IGNORE, CaseRecord, Project, mask_to_target
+
+#: Fraction of fully annotated cases used for validation (at least 1 when there are ``MIN_FULL_FOR_VAL``).
+VAL_FRACTION = 0.15
+MIN_FULL_FOR_VAL = 4
+#: Robust normalisation percentiles.
+LOW_PCT, HIGH_PCT = 1.0, 99.0
+_GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def project_channels(project: Project, records: Iterable[CaseRecord] | None = None) -> int:
+    """The channel count a project's model works with: 1 when most images are grey, else 3.
+
+    Mixed projects (BUSI has a few RGB images among grey ones) convert the minority. Ties go to 3
+    (grey → RGB loses nothing).
+
+    Args:
+        project: the project (all cases, holdout included, so training and prediction agree).
+        records: the records to count (default: all cases of the project).
+    """
+    recs = list(project.cases() if records is None else records)
+    grey = sum(1 for r in recs if r.channels == 1)
+    return 1 if grey > len(recs) - grey else 3
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) array of any dtype → (channels, H, W) float32.
+
+    Grey → RGB repeats the grey plane; RGB → grey uses ITU-R 601 luma weights.
+
+    Args:
+        image: the image as stored.
+        channels: 1 or 3.
+    """
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 3:
+        img = img[..., :3].astype(np.float32, copy=False)
+        if channels == 1:
+            return np.tensordot(img, _GREY_WEIGHTS, axes=([-1], [0]))[None]  # (1, H, W)
+        return np.ascontiguousarray(np.moveaxis(img, -1, 0))  # (3, H, W)
+    img = img.astype(np.float32, copy=False)[None]  # (1, H, W)
+    return np.repeat(img, channels, axis=0) if channels == 3 else img
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """Per-image robust normalisation: percentiles (1, 99) of all channels → [0, 1] (clipped),
+    then centred and scaled to about [-2, 2]. A constant image becomes zeros.
+
+    Args:
+        image: (C, H, W) float32.
+    """
+    flat = image.reshape(-1)
+    if flat.numel() > 1_000_000:  # torch.quantile has a size limit; a strided sample is plenty
+        flat = flat[:: flat.numel() // 1_000_000 + 1]
+    lo, hi = torch.quantile(flat, torch.tensor([LOW_PCT / 100, HIGH_PCT / 100], dtype=flat.dtype))
+    if float(hi - lo) < 1e-6:
+        lo, hi = flat.min(), flat.max()
+        if float(hi - lo) < 1e-6:
+            return torch.zeros_like(image)
+    x = ((image - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    return (x - 0.5) / 0.25  # (C, H, W)
+
+
+def resize_image(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (antialiased when shrinking).
+
+    Args:
+        image: (C, H, W) float32.
+        size: output side or (height, width).
+    """
+    out = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(image.shape[-2:]) == out:
+        return image
+    shrink = image.shape[-2] > out[0] or image.shape[-1] > out[1]
+    return F.interpolate(image[None], size=out, mode="bilinear", align_corners=False,
+                         antialias=shrink)[0]  # (C, *out)
+
+
+def preprocess_image(image: np.ndarray, channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """Stored image → normalised network input.
+
+    Args:
+        image: (H, W) or (H, W, 3) array as stored.
+        channels: 1 or 3 (the model's input channels).
+        size: output side or (height, width).
+
+    Returns:
+        (channels, size, size) float32 tensor.
+    """
+    x = torch.from_numpy(to_channels(image, channels))  # (C, H, W)
+    return normalise(resize_image(x, size))
+
+
+def resize_target(target: np.ndarray, size: int) -> torch.Tensor:
+    """Resize a training target (-1 ignore, 0 bg, k class k) by a label-preserving area vote.
+
+    Each output pixel takes the class covering most of its footprint among the *labelled* input
+    pixels; it is ignored only when none of its footprint is labelled (so scribbles survive
+    shrinking). Enlarging reduces to nearest neighbour.
+
+    Args:
+        target: (H, W) int64.
+        size: output side.
+
+    Returns:
+        (size, size) int64 tensor.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(target))
+    if tuple(t.shape) == (size, size):
+        return t.clone()
+    out = torch.full((size, size), IGNORE, dtype=torch.int64)
+    best = torch.zeros((size, size), dtype=torch.float32)
+    for value in torch.unique(t).tolist():  # background (0) first, then lesion classes
+        if value == IGNORE:
+            continue
+        frac = F.adaptive_avg_pool2d((t == value).float()[None, None], size)[0, 0]  # (S, S)
+        win = frac > best if value == 0 else frac >= best  # ties go to the lesion
+        win &= frac > 0
+        out[win] = value
+        best = torch.where(win, frac, best)
+    return out  # (S, S)
+
+
+class Preprocessor:
+    """Preprocesses images and annotations once and caches the tensors in memory.
+
+    Keys include the stored array keys (images never change; every annotation version has its own
+    key), so a cache survives re-snapshots between rounds and only new annotations are read.
+
+    Args:
+        image_size: side of the square training images.
+        channels: 1 or 3.
+    """
+
+    def __init__(self, image_size: int, channels: int):
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self._images: dict[str, torch.Tensor] = {}
+        self._targets: dict[str, tuple[torch.Tensor, list[int]]] = {}
+
+    def image(self, project: Project, rec: CaseRecord) -> torch.Tensor:
+        """(C, S, S) float32 normalised image of a case."""
+        key = rec.image_key or rec.id
+        if key not in self._images:
+            self._images[key] = preprocess_image(project.read_image(rec.id), self.channels,
+                                                 self.image_size)
+        return self._images[key]
+
+    def target(self, project: Project, rec: CaseRecord) -> tuple[torch.Tensor, list[int]]:
+        """(S, S) int64 target of the case's latest annotation (all -1 when it has none), and
+        the presence target (K values in {1, 0, -1})."""
+        latest = rec.latest
+        key = "|".join([latest.key if latest else f"none:{rec.id}", str(rec.image_label),
+                        repr(sorted((rec.presence or {}).items()))])
+        if key not in self._targets:
+            if latest is None:
+                tgt = torch.full((self.image_size, self.image_size), IGNORE, dtype=torch.int64)
+            else:
+                # the version listed in this snapshot, never a newer (maybe half-saved) one
+                mask, av = project.read_annotation(rec.id, latest.version)
+                tgt = resize_target(mask_to_target(mask, av.kind), self.image_size)
+            self._targets[key] = (tgt, project.presence_target(rec))
+        return self._targets[key]
+
+
+# ----------------------------------------------------------------------------- the training set
+def _stable_rank(cid: str, seed: int) -> str:
+    return hashlib.sha1(f"{seed}:{cid}".encode()).hexdigest()
+
+
+def select_validation(full_ids: list[str], seed: int = 0, fraction: float = VAL_FRACTION,
+                      minimum_full: int = MIN_FULL_FOR_VAL) -> list[str]:
+    """Deterministic validation subset of the fully annotated cases.
+
+    Args:
+        full_ids: ids of fully annotated training cases.
+        seed: changes the choice.
+        fraction: share of the full cases to hold out.
+        minimum_full: no validation below this many full cases.
+    """
+    if len(full_ids) < minimum_full:
+        return []
+    n = max(1, int(round(fraction * len(full_ids))))
+    return sorted(sorted(full_ids, key=lambda c: _stable_rank(c, seed))[:n])
+
+
+@dataclass
+class TrainingSet:
+    """Preprocessed tensors of one snapshot. Index groups point into the stacked tensors."""
+
+    case_ids: list[str]
+    images: torch.Tensor          # (N, C, S, S) float32
+    targets: torch.Tensor         # (N, S, S) int64
+    has_mask: torch.Tensor        # (N,) bool
+    full: torch.Tensor            # (N,) bool
+    image_class: torch.Tensor     # (N,) int64, -1 unknown
+    presence: torch.Tensor        # (N, K) float32 in {1, 0, -1}
+    labelled: torch.Tensor        # (L,) int64 indices trained with labels
+    unlabelled: torch.Tensor      # (U,) int64 indices of images without usable labels
+    val: torch.Tensor             # (V,) int64 indices of validation cases
+    label_probs: torch.Tensor     # (L,) float32 sampling probabilities of the labelled cases
+    classes: list[str]
+    image_classes: list[str]
+    channels: int
+    image_size: int
+    counts: dict[str, int] = field(default_factory=dict)  # supervision counts (train, not val)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.labelled.numel() + self.unlabelled.numel())
+
+    @property
+    def n_val(self) -> int:
+        return int(self.val.numel())
+
+    def to(self, device: torch.device | str) -> "TrainingSet":
+        """Move the stacked tensors to ``device`` (index tensors stay on the CPU)."""
+        for name in ("images", "targets", "has_mask", "full", "image_class", "presence"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def sample(self, batch_size: int, generator: torch.Generator, augment: bool = True,
+               unlabelled_size: int = 0) -> Batch:
+        """A random training batch (labelled mix + optional unlabelled images).
+
+        Args:
+            batch_size: labelled images per batch.
+            generator: CPU generator (its state is checkpointed, so a resumed run continues
+                the same sample stream).
+            augment: random flips and a small intensity jitter.
+            unlabelled_size: unlabelled images to add (0: none; ``batch.unlabelled`` is None
+                too when the snapshot has no unlabelled case).
+        """
+        if self.labelled.numel() == 0:
+            raise ValueError("no labelled case to sample from")
+        pick = self.labelled[torch.multinomial(self.label_probs, batch_size, replacement=True,
+                                               generator=generator)]  # (B,)
+        pick = pick.to(self.images.device)
+        image, target = self.images[pick], self.targets[pick]  # (B, C, S, S), (B, S, S)
+        if augment:
+            image, target = augment_batch(image, target, generator)
+        unl = None
+        if unlabelled_size > 0 and self.unlabelled.numel() > 0:
+            upick = self.unlabelled[torch.randint(self.unlabelled.numel(), (unlabelled_size,),
+                                                  generator=generator)].to(self.images.device)
+            unl = self.images[upick]  # (U, C, S, S)
+            if augment:
+                unl, _ = augment_batch(unl, None, generator)
+        return Batch(image=image, target=target, has_mask=self.has_mask[pick], full=self.full[pick],
+                     image_class=self.image_class[pick], presence=self.presence[pick],
+                     unlabelled=unl)
+
+    def validation_batches(self, batch_size: int = 8) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images (B, C, S, S), targets (B, S, S)) of the validation cases."""
+        for start in range(0, self.val.numel(), batch_size):
+            idx = self.val[start:start + batch_size].to(self.images.device)
+            yield self.images[idx], self.targets[idx]
+
+
+def augment_batch(image: torch.Tensor, target: torch.Tensor | None, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random horizontal/vertical flips (image and target alike) and intensity gain/offset.
+
+    Args:
+        image: (B, C, S, S) float32.
+        target: (B, S, S) int64 or None.
+        generator: CPU generator for the random draws.
+    """
+    b = image.shape[0]
+    r = torch.rand(b, 4, generator=generator).to(image.device)  # (B, 4)
+    hflip = (r[:, 0] < 0.5)
+    vflip = (r[:, 1] < 0.5)
+    gain = (1.0 + (r[:, 2] - 0.5) * 0.2).view(b, 1, 1, 1)
+    bias = ((r[:, 3] - 0.5) * 0.2).view(b, 1, 1, 1)
+    image = torch.where(hflip.view(b, 1, 1, 1), image.flip(-1), image)
+    image = torch.where(vflip.view(b, 1, 1, 1), image.flip(-2), image)
+    image = image * gain + bias  # (B, C, S, S)
+    if target is not None:
+        target = torch.where(hflip.view(b, 1, 1), target.flip(-1), target)
+        target = torch.where(vflip.view(b, 1, 1), target.flip(-2), target)
+    return image, target
+
+
+def _uses(rec_kind: str | None, has_image_info: bool, sup: Supervision | None) -> tuple[bool, bool]:
+    """(mask usable, image-level labels usable) for a method's supervision."""
+    if sup is None:
+        return rec_kind is not None, has_image_info
+    mask_ok = (rec_kind == "full" and sup.full_masks) or (rec_kind == "sparse" and sup.sparse_masks)
+    return bool(mask_ok), bool(has_image_info and sup.image_labels)
+
+
+def build_training_set(project: Project, image_size: int, supervision: Supervision | None = None,
+                       channels: int | None = None, seed: int = 0,
+                       preprocessor: Preprocessor | None = None) -> TrainingSet:
+    """Snapshot the project and preprocess every case the method can train on.
+
+    Call ``project.refresh()`` first to see other processes' latest saves; the snapshot is the
+    project's index at this moment.
+
+    Args:
+        project: the open project.
+        image_size: side of the square training images.
+        supervision: what the method learns from (None: everything counts).
+        channels: model input channels (default: `project_channels`).
+        seed: seed of the validation choice.
+        preprocessor: cache to reuse across rounds (must match image_size and channels).
+    """
+    records = [r for r in project.cases() if r.split != "holdout"]
+    if channels is None:
+        channels = project_channels(project)
+    if preprocessor is None:
+        preprocessor = Preprocessor(image_size, channels)
+    elif (preprocessor.image_size, preprocessor.channels) != (image_size, channels):
+        raise ValueError("preprocessor image size / channels do not match")
+    image_classes = project.image_classes
+    use_unlabelled = supervision is None or supervision.unlabelled
+    k = len(project.classes)
+
+    full_ids = [r.id for r in records if r.latest is not None and r.latest.kind == "full"]
+    val_ids = set(select_validation(full_ids, seed))
+
+    rows: list[tuple[CaseRecord, str]] = []  # (record, group) group ∈ mask | image | unlabelled | val
+    counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0}
+    for rec in records:
+        if rec.id in val_ids:
+            rows.append((rec, "val"))
+            continue
+        kind = None if rec.latest is None or rec.latest.labelled_fraction <= 0 else rec.latest.kind
+        has_info = rec.image_label is not None or bool(rec.presence) or kind == "full"
+        if kind is not None:
+            counts[kind] += 1
+        if rec.image_label is not None or rec.presence:
+            counts["image_label"] += 1
+        mask_ok, label_ok = _uses(kind, has_info, supervision)
+        if mask_ok:
+            rows.append((rec, "mask"))
+        elif label_ok:
+            rows.append((rec, "image"))
+        else:
+            counts["unlabelled"] += kind is None and not has_info
+            if use_unlabelled:
+                rows.append((rec, "unlabelled"))
+
+    images, targets, presences, img_cls = [], [], [], []
+    has_mask, full = [], []
+    for rec, group in rows:
+        images.append(preprocessor.image(project, rec))
+        if group == "unlabelled":
+            tgt = torch.full((image_size, image_size), IGNORE, dtype=torch.int64)
+            pres = [-1] * k
+            cls_idx = -1
+        else:
+            tgt, pres = preprocessor.target(project, rec)
+            cls_idx = image_classes.index(rec.image_label) if rec.image_label in image_classes else -1
+        targets.append(tgt)
+        presences.append(pres)
+        img_cls.append(cls_idx)
+        has_mask.append(bool((tgt >= 0).any()))
+        full.append(group in ("mask", "val") and rec.latest is not None and rec.latest.kind == "full")
+
+    groups = [g for _, g in rows]
+    idx = {g: torch.tensor([i for i, gg in enumerate(groups) if gg == g], dtype=torch.int64)
+           for g in ("mask", "image", "unlabelled", "val")}
+    labelled = torch.cat([idx["mask"], idx["image"]])
+    n_mask, n_img = idx["mask"].numel(), idx["image"].numel()
+    probs = torch.ones(labelled.numel(), dtype=torch.float32)
+    if n_mask and n_img:  # masks carry more information: at least half of each batch
+        p_mask = max(0.5, n_mask / (n_mask + n_img))
+        probs[:n_mask] = p_mask / n_mask
+        probs[n_mask:] = (1 - p_mask) / n_img
+    s = image_size
+    return TrainingSet(
+        case_ids=[r.id for r, _ in rows],
+        images=torch.stack(images) if images else torch.zeros((0, channels, s, s)),
+        targets=torch.stack(targets) if targets else torch.zeros((0, s, s), dtype=torch.int64),
+        has_mask=torch.tensor(has_mask, dtype=torch.bool),
+        full=torch.tensor(full, dtype=torch.bool),
+        image_class=torch.tensor(img_cls, dtype=torch.int64),
+        presence=torch.tensor(presences, dtype=torch.float32).reshape(len(rows), k),
+        labelled=labelled, unlabelled=idx["unlabelled"], val=idx["val"],
+        label_probs=probs, classes=project.classes, image_classes=image_classes,
+        channels=channels, image_size=image_size, counts=counts,
+    )

@@ -1,0 +1,102 @@
+"""Events yielded by the training loop (`trainer.run_training`).
+
+Small, frozen, picklable dataclasses: the trainer process puts them on a queue, the GUI maps
+them onto its own state on the GUI thread, the CLI prints them. None holds a tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass(frozen=True)
+class Started:
+    """Training began (after the store snapshot and model set-up)."""
+
+    model_id: str
+    method: str
+    device: str
+    n_train: int               # cases trained on (any supervision, incl. unlabelled for SSL)
+    n_val: int                 # fully annotated cases held out for validation Dice
+    total_steps: int | None    # None in wall-clock budget mode
+    budget_s: float | None     # None in step mode
+    start_step: int = 0        # > 0 when resuming
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the run is; ``fraction`` in [0, 1] (steps or elapsed budget)."""
+
+    step: int
+    total: int | None
+    elapsed_s: float
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Mean of each loss part since the previous `Loss` event."""
+
+    step: int
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Dice on the validation cases at training resolution (``None``: nothing to score)."""
+
+    step: int
+    dice: float | None
+    per_class: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class RoundFinished:
+    """A round ended; the store is re-read before the next one."""
+
+    round: int
+    n_annotations: int   # cases with any supervision in the snapshot used by this round
+    dice: float | None
+
+
+@dataclass(frozen=True)
+class PredictionsReady:
+    """Outputs for these cases were written to the store by this model."""
+
+    model_id: str
+    case_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Last event of a successful run. ``reason``: "steps" | "budget" | "cancelled"."""
+
+    model_id: str
+    step: int
+    reason: str
+    checkpoint: str | None = None   # path of the final checkpoint
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Last event of a failed run. ``user_error``: the message is a one-line user error."""
+
+    message: str
+    traceback: str = ""
+    user_error: bool = False
+
+
+Event = Union[Started, Progress, Loss, Validation, CheckpointSaved, RoundFinished,
+              PredictionsReady, Finished, Failed]
+
+#: Events after which nothing more comes.
+TERMINAL = (Finished, Failed)
+
+__all__ = ["Started", "Progress", "Loss", "Validation", "CheckpointSaved", "RoundFinished",
+           "PredictionsReady", "Finished", "Failed", "Event", "TERMINAL"]

@@ -1,0 +1,366 @@
+"""Predictions, CAMs, uncertainty and acquisition scores for every case → the project store.
+
+Per case: the image is preprocessed exactly as for training (resize to the model's image size,
+robust normalisation, the model's channel count), then
+
+* one deterministic pass on the image and its horizontal flip (flip test-time augmentation): the
+  CAMs, presence and image-class probabilities are the mean of the two, and their disagreement
+  gives ``tta_var``;
+* ``mc_samples`` MC-dropout passes: their mean is the stored probability map, the mutual
+  information (BALD) between prediction and dropout mask is the stored uncertainty map;
+* everything is upsampled to the image's own size, the class map is the argmax with *presence
+  gating* (a lesion class whose presence probability is below 0.5 is removed from that image).
+
+Optionally the working image can be larger than the training size (``working_size``); the spatial
+maps are then computed with MONAI's sliding-window inference, the image-level heads on the
+downsized image. The scores written beside the arrays (see docs/architecture.md) are what
+``acquisition`` ranks by.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training_backend.data import preprocess_image
+from training_backend.errors import InputError, ProjectError
+from training_backend.store import Project
+
+if TYPE_CHECKING:  # pragma: no cover
+    from training_backend.methods.base import Method
+    from training_backend.trainer import TrainConfig
+
+#: Presence probability below which a lesion class is removed from an image's class map.
+PRESENCE_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class CasePredicted:
+    """Progress of `iter_predictions`: case ``index`` (1-based) of ``total`` was written."""
+
+    index: int
+    total: int
+    case_id: str
+    output_id: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to predict, with what it was trained on."""
+
+    method: "Method"
+    config: "TrainConfig"
+    meta: dict
+    path: Path
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta.get("model_id") or self.path.parent.name)
+
+
+# ----------------------------------------------------------------------------- loading
+def resolve_checkpoint(project: Project | None, ref: str | os.PathLike) -> Path:
+    """Find a checkpoint file from a path, a model folder or a model id of the project.
+
+    Args:
+        project: the project whose ``models/`` and registered models are searched (may be None).
+        ref: ``.pt`` file, model folder (its ``latest.pt``), or model id.
+    """
+    p = Path(ref)
+    if p.is_file():
+        return p
+    if p.is_dir() and (p / "latest.pt").is_file():
+        return p / "latest.pt"
+    if project is not None:
+        local = project.path / "models" / str(ref) / "latest.pt"
+        if local.is_file():
+            return local
+        info = project.models().get(str(ref))
+        if info and info.get("checkpoint") and Path(info["checkpoint"]).is_file():
+            return Path(info["checkpoint"])
+    raise InputError(ref, "no such checkpoint file, model folder or model id")
+
+
+def check_compatible(project: Project, meta: dict, path: str | os.PathLike) -> None:
+    """Raise `InputError` when a model cannot predict this project's lesion classes.
+
+    The number of lesion classes must match (and their names, when there are several); grey/RGB
+    differences are converted automatically.
+
+    Args:
+        project: the target project.
+        meta: the checkpoint's ``meta`` dict.
+        path: checkpoint path (for the message).
+    """
+    classes = list(meta.get("classes") or [])
+    if int(meta["n_classes"]) != len(project.classes):
+        raise InputError(path, f"model predicts {meta['n_classes']} lesion class(es) {classes}; "
+                               f"project {project.path.name} has {len(project.classes)} {project.classes}")
+    if len(project.classes) > 1 and classes and classes != project.classes:
+        raise InputError(path, f"model classes {classes} differ from the project's {project.classes}")
+
+
+def _load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    from training_backend.methods import create_method
+    from training_backend.trainer import TrainConfig, load_checkpoint, resolve_device
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    path = Path(path)
+    ckpt = load_checkpoint(path, "cpu")
+    meta = ckpt["meta"]
+    cfg = TrainConfig.from_dict(meta["config"])
+    method = create_method(meta["method"], in_channels=int(meta["in_channels"]),
+                           n_classes=int(meta["n_classes"]),
+                           n_image_classes=int(meta["n_image_classes"]), model=cfg.model,
+                           **cfg.method_options)
+    try:
+        method.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not fit the {meta['method']!r} model "
+                               f"({str(exc).splitlines()[0]})") from None
+    method.to(dev).eval()
+    return LoadedModel(method, cfg, dict(meta), path)
+
+
+def load_model(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu"
+               ) -> tuple["Method", "TrainConfig"]:
+    """Rebuild a trained method from a checkpoint (loaded with ``weights_only=True``).
+
+    Args:
+        checkpoint_path: a ``step_*.pt`` / ``latest.pt`` file.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ... or a torch device.
+
+    Returns:
+        (method in eval mode on ``device``, its `TrainConfig`).
+    """
+    loaded = _load(checkpoint_path, device)
+    return loaded.method, loaded.config
+
+
+# ----------------------------------------------------------------------------- one case
+def gate_threshold(method: "Method") -> float:
+    """The method's presence-gating threshold (0 while its presence head has seen no label)."""
+    if hasattr(method, "presence_seen") and int(method.presence_seen) == 0:
+        return 0.0
+    options = getattr(method, "options", {}) or {}
+    return float(options.get("gate_threshold", PRESENCE_THRESHOLD))
+
+
+def gate_labels(labels: torch.Tensor, presence: torch.Tensor, threshold: float = PRESENCE_THRESHOLD
+                ) -> torch.Tensor:
+    """Presence gating of a class map: class k becomes background in images whose presence
+    probability of k is below ``threshold`` (0 disables).
+
+    Args:
+        labels: (B, H, W) int64 class map (0 background, k class k).
+        presence: (B, K) presence probabilities.
+        threshold: gating threshold.
+    """
+    if threshold <= 0:
+        return labels
+    k = presence.shape[1]
+    drop = torch.cat([torch.zeros_like(presence[:, :1], dtype=torch.bool),
+                      presence < threshold], 1)  # (B, K+1); background never dropped
+    dropped = torch.gather(drop, 1, labels.clamp(0, k).flatten(1)).view_as(labels)  # (B, H, W)
+    return torch.where(dropped, torch.zeros_like(labels), labels)
+
+
+def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-8))).sum(dim)
+
+
+def _forward(method: "Method", x: torch.Tensor, dropout: bool, image_size: int):
+    """Prediction heads for a batch; sliding window when ``x`` is larger than ``image_size``.
+
+    Returns (probs (B, K+1, H, W), cams (B, K, H, W), presence (B, K), image_class or None,
+    features (B, F)).
+    """
+    if max(x.shape[-2:]) <= image_size:
+        pred = method.predict(x, dropout=dropout)
+        return pred.probs, pred.cams, pred.presence, pred.image_class, pred.features
+    from monai.inferers import sliding_window_inference
+
+    small = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                          antialias=True)  # (B, C, S, S) for the image-level heads
+    glob = method.predict(small, dropout=dropout)
+    k1 = glob.probs.shape[1]
+
+    def spatial(t: torch.Tensor) -> torch.Tensor:
+        p = method.predict(t, dropout=dropout)
+        return torch.cat([p.probs, p.cams], 1)  # (b, K+1+K, S, S)
+
+    maps = sliding_window_inference(x, roi_size=(image_size, image_size), sw_batch_size=4,
+                                    predictor=spatial, overlap=0.25, mode="gaussian")
+    probs = maps[:, :k1].clamp_min(0)
+    probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
+    return probs, maps[:, k1:].clamp(0, 1), glob.presence, glob.image_class, glob.features
+
+
+def predict_image(method: "Method", image: np.ndarray, channels: int, image_size: int,
+                  mc_samples: int = 4, device: torch.device | str = "cpu",
+                  working_size: int | None = None, image_classes: Sequence[str] = ()) -> dict:
+    """All outputs of one image (arrays at the image's size, scores, features).
+
+    Args:
+        method: a trained method.
+        image: (H, W) or (H, W, 3) as stored.
+        channels: the model's input channels.
+        image_size: the model's training size.
+        mc_samples: MC-dropout samples (1: a single deterministic pass, BALD = 0).
+        device: where to compute.
+        working_size: side of the working image (default ``image_size``; larger → sliding window).
+        image_classes: names of the model's image classes (for ``scores["image_class"]``).
+
+    Returns:
+        dict with ``pred`` (H, W) uint8, ``prob`` (K+1, H, W) float16, ``cam`` (K, H, W) float16,
+        ``uncertainty`` (H, W) float16, ``scores`` dict and ``features`` (F,) float32.
+    """
+    h, w = int(image.shape[0]), int(image.shape[1])
+    size = int(working_size or image_size)
+    x = preprocess_image(image, channels, size)[None].to(device)  # (1, C, S, S)
+    method.eval()
+    with torch.no_grad():
+        probs, cams, presence, image_class, features = _forward(
+            method, torch.cat([x, x.flip(-1)]), False, image_size)  # batch of 2: image, flipped
+        p_det, p_flip = probs[0], probs[1].flip(-1)  # (K+1, S, S)
+        cam = 0.5 * (cams[0] + cams[1].flip(-1))  # (K, S, S)
+        pres = presence.mean(0)  # (K,)
+        img_cls = None if image_class is None else image_class.mean(0)
+        feat = features[0]  # (F,)
+        n_cls = probs.shape[1]
+        log_c = math.log(n_cls)
+        if mc_samples >= 2:
+            mc = _forward(method, x.expand(mc_samples, -1, -1, -1), True, image_size)[0]  # (T, K+1, S, S)
+            prob = mc.mean(0)  # (K+1, S, S)
+            ent = _entropy(prob, 0)  # (S, S)
+            bald = (ent - _entropy(mc, 1).mean(0)).clamp_min(0) / log_c  # (S, S)
+        else:
+            prob = p_det
+            ent = _entropy(prob, 0)
+            bald = torch.zeros_like(ent)
+        ent = ent / log_c  # (S, S) in [0, 1]
+        unc = bald if mc_samples >= 2 else ent
+        tta_var = (((p_det - p_flip) / 2) ** 2).sum(0)  # (S, S) variance of the two passes
+        # lesion region at working size: predicted lesion + a dilated boundary
+        lesion = (prob.argmax(0) > 0).float()  # (S, S)
+        r = max(1, size // 32)
+        region = F.max_pool2d(lesion[None, None], 2 * r + 1, stride=1, padding=r)[0, 0] > 0
+        p_lesion = 1.0 - prob[0]  # (S, S)
+        cam_mask = (cam.amax(0) > 0.5).float()  # (S, S)
+        inter = (cam_mask * p_lesion).sum()
+        union = cam_mask.sum() + p_lesion.sum() - inter
+        soft_iou = 1.0 if float(union) < 1e-6 else float(inter / union)
+
+        # back to the image's size
+        prob_full = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        pred_full = gate_labels(prob_full.argmax(0)[None], pres[None], gate_threshold(method))[0]
+        cam_full = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        unc_full = F.interpolate(unc[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+
+    lesion_frac = float((pred_full > 0).float().mean())
+    pres_list = [float(v) for v in pres.cpu()]
+    scores = {
+        "presence": pres_list,
+        "image_class": ({} if img_cls is None else
+                        {name: float(p) for name, p in zip(image_classes, img_cls.cpu())}),
+        "lesion_frac": lesion_frac,
+        "entropy": float(ent.mean()),
+        "entropy_lesion": float(ent[region].mean()) if bool(region.any()) else 0.0,
+        "bald": float(bald.mean()),
+        "tta_var": float(tta_var.mean()),
+        "cam_disagreement": 1.0 - soft_iou,
+        "burden_disagreement": abs(max(pres_list, default=0.0) - float(lesion_frac > 0)),
+        "uncertainty_mean": float(unc.mean()),
+    }
+    return {
+        "pred": pred_full.to(torch.uint8).cpu().numpy(),
+        "prob": prob_full.cpu().numpy().astype(np.float16),
+        "cam": cam_full.clamp(0, 1).cpu().numpy().astype(np.float16),
+        "uncertainty": unc_full.clamp_min(0).cpu().numpy().astype(np.float16),
+        "scores": scores,
+        "features": feat.float().cpu().numpy(),
+    }
+
+
+# ----------------------------------------------------------------------------- a project
+def iter_predictions(project: Project, method_or_checkpoint, case_ids: Sequence[str] | None = None,
+                     mc_samples: int | None = None, image_size: int | None = None,
+                     channels: int | None = None, device: str | torch.device = "auto",
+                     model_id: str | None = None, working_size: int | None = None,
+                     cancel: Callable[[], bool] | None = None) -> Iterator[CasePredicted]:
+    """Predict cases and write their outputs to the store, yielding progress per case.
+
+    Args:
+        project: the open (writable) project.
+        method_or_checkpoint: a trained `Method` (then ``image_size``, ``channels`` and
+            ``model_id`` are required) or a checkpoint path / model folder / model id.
+        case_ids: cases to predict (default: all, holdout included).
+        mc_samples: MC-dropout samples (default: the model's training config).
+        image_size: the model's training size (default: from the checkpoint).
+        channels: the model's input channels (default: from the checkpoint).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device.
+        model_id: recorded with the outputs (default: from the checkpoint).
+        working_size: predict at this side (sliding window when above ``image_size``).
+        cancel: polled before each case; True stops early.
+    """
+    from training_backend.trainer import resolve_device
+
+    if isinstance(device, str):
+        device = resolve_device(device)
+    image_classes = project.image_classes
+    if isinstance(method_or_checkpoint, (str, os.PathLike)):
+        path = resolve_checkpoint(project, method_or_checkpoint)
+        loaded = _load(path, device)
+        check_compatible(project, loaded.meta, path)
+        method = loaded.method
+        image_size = image_size or int(loaded.meta["image_size"])
+        channels = channels or int(loaded.meta["in_channels"])
+        model_id = model_id or loaded.model_id
+        mc_samples = mc_samples or loaded.config.mc_samples
+        image_classes = list(loaded.meta.get("image_classes") or [])
+    else:
+        method = method_or_checkpoint
+        if image_size is None or channels is None or model_id is None:
+            raise ValueError("image_size, channels and model_id are needed with a method object")
+        method.to(device)
+    mc_samples = int(mc_samples or 4)
+    project.refresh()
+    ids = list(project.case_ids() if case_ids is None else case_ids)
+    for i, cid in enumerate(ids, 1):
+        if cancel is not None and cancel():
+            return
+        out = predict_image(method, project.read_image(cid), channels, image_size, mc_samples,
+                            device, working_size, image_classes)
+        output_id = project.write_outputs(cid, model_id, out["pred"], out["prob"], out["cam"],
+                                          out["uncertainty"], out["scores"], out["features"])
+        yield CasePredicted(i, len(ids), cid, output_id)
+
+
+def predict_project(project: Project, method_or_checkpoint, case_ids: Sequence[str] | None = None,
+                    mc_samples: int | None = None, image_size: int | None = None,
+                    device: str | torch.device = "auto", **kw) -> list[str]:
+    """Predict cases and write outputs; returns the ids written (see `iter_predictions`).
+
+    Args:
+        project: the open (writable) project.
+        method_or_checkpoint: a trained `Method` or a checkpoint path / model folder / model id.
+        case_ids: cases to predict (default: all).
+        mc_samples: MC-dropout samples (default: the model's training config).
+        image_size: the model's training size (default: from the checkpoint).
+        device: where to compute.
+        **kw: ``channels``, ``model_id``, ``working_size``, ``cancel``.
+    """
+    if project.mode != "r+":
+        raise ProjectError(f"{project.path}: project was opened read-only")
+    return [item.case_id for item in iter_predictions(project, method_or_checkpoint, case_ids,
+                                                      mc_samples, image_size, device=device, **kw)]
+
+
+__all__ = ["CasePredicted", "LoadedModel", "gate_labels", "gate_threshold", "resolve_checkpoint", "check_compatible", "load_model",
+           "predict_image", "iter_predictions", "predict_project"]

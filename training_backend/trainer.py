@@ -1,0 +1,635 @@
+"""The one shared training loop.
+
+`run_training` is a generator of `events`: the CLI drains it in-process, `process.TrainerProcess`
+runs it in a spawned process and forwards the events through a queue, the GUI maps them onto its
+state. Methods only supply ``training_step`` / ``after_step`` / ``predict``; everything else (data,
+optimiser, schedule, checkpoints, validation, rounds, cancelling, predictions) lives here.
+
+Checkpoints (``P/models/<model_id>/step_000123.pt`` and ``latest.pt``, ``config.json`` beside)
+hold tensors and plain Python values only, so they load with ``torch.load(..., weights_only=True)``.
+They are written to a temporary file and moved into place with ``os.replace``: a run killed at any
+moment leaves the previous checkpoint intact, and ``resume=True`` continues from it with the same
+step count, learning-rate schedule and random streams.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from training_backend.data import Preprocessor, TrainingSet, build_training_set, project_channels
+from training_backend.errors import InputError, LesionsegError, ProjectError
+from training_backend.events import (CheckpointSaved, Event, Failed, Finished, Loss, PredictionsReady,
+                                     Progress, RoundFinished, Started, Validation)
+from training_backend.models import ModelConfig
+from training_backend.store import Project, atomic_write_json, now_iso
+
+#: Default wall-clock budget when neither ``steps`` nor ``budget_s`` is given.
+DEFAULT_BUDGET_S = 300.0
+#: Step checkpoints kept per model (plus ``latest.pt``).
+KEEP_CHECKPOINTS = 3
+#: Minimum seconds between two Progress/Loss events (the first and last step always report).
+REPORT_EVERY_S = 0.5
+CHECKPOINT_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the project (saved as ``config.json``).
+
+    Args:
+        method: registered method name (``lesionseg methods``).
+        method_options: keyword options passed to the method's constructor.
+        model: network architecture.
+        steps: optimisation steps; ``budget_s``: wall-clock seconds. With neither, the budget is
+            300 s; with both, whichever ends first.
+        batch_size: labelled images per step (methods using unlabelled images get half as many
+            unlabelled ones on top).
+        image_size: side of the square training images.
+        lr, weight_decay: AdamW settings (linear warm-up, then cosine decay to 5 % of ``lr``).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+        threads: CPU threads for torch (default: all cores).
+        seed: seeds weights, sampling, augmentation and the validation choice.
+        rounds: the store is re-read between rounds, so new annotations join without a restart.
+        checkpoint_every_s: seconds between periodic checkpoints.
+        validate_every: steps between validations (when there are validation cases).
+        predict: write predictions for all cases at the end (and after each round).
+        mc_samples: MC-dropout samples for the uncertainty maps.
+        init_from: checkpoint (path, model folder or model id) to fine-tune from.
+        model_id: name of the model folder (default ``<method>-<yyyymmdd-hhmmss>``).
+    """
+
+    method: str = "supervised"
+    method_options: dict = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int | None = None
+    budget_s: float | None = None
+    batch_size: int = 8
+    image_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    rounds: int = 1
+    checkpoint_every_s: float = 60.0
+    validate_every: int = 50
+    predict: bool = True
+    mc_samples: int = 4
+    init_from: str | None = None
+    model_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        checks = [
+            ("steps", self.steps is None or (int(self.steps) == self.steps and self.steps >= 1),
+             "must be a positive integer"),
+            ("budget_s", self.budget_s is None or self.budget_s > 0, "must be > 0 seconds"),
+            ("batch_size", int(self.batch_size) >= 1, "must be at least 1"),
+            ("image_size", int(self.image_size) >= 16, "must be at least 16 pixels"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("rounds", int(self.rounds) >= 1, "must be at least 1"),
+            ("validate_every", int(self.validate_every) >= 1, "must be at least 1"),
+            ("mc_samples", int(self.mc_samples) >= 1, "must be at least 1"),
+            ("threads", self.threads is None or int(self.threads) >= 1, "must be at least 1"),
+            ("checkpoint_every_s", self.checkpoint_every_s > 0, "must be > 0"),
+        ]
+        for name, ok, problem in checks:
+            if not ok:
+                raise InputError(name, f"{problem}, got {getattr(self, name)!r}")
+        if not isinstance(self.method_options, dict):
+            raise InputError("method_options", "must be a mapping of option names to values")
+        if self.model_id is not None and (not self.model_id or "/" in self.model_id
+                                          or self.model_id.startswith(".")):
+            raise InputError("model_id", f"{self.model_id!r} is not a usable folder name")
+
+    @property
+    def total_steps(self) -> int | None:
+        return None if self.steps is None else int(self.steps)
+
+    @property
+    def budget(self) -> float | None:
+        """Wall-clock budget in seconds (the default one in budget mode)."""
+        if self.budget_s is not None:
+            return float(self.budget_s)
+        return DEFAULT_BUDGET_S if self.steps is None else None
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (``model`` as a nested dict)."""
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from `to_dict` output; unknown keys (from a newer version) are ignored.
+
+        Args:
+            d: the mapping.
+        """
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in dict(d).items() if k in known}
+        if isinstance(kw.get("model"), dict):
+            kw["model"] = ModelConfig.from_dict(kw["model"])
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA if available, else MPS if available, else CPU; others are checked.
+
+    Args:
+        name: device name.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError("--device", f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", f"{name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError("--device", f"{name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device", f"{name}: MPS is not available on this machine")
+    return dev
+
+
+def lr_factor(step: int, fraction: float, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup_steps``, cosine decay to 0.05.
+
+    Args:
+        step: steps done so far.
+        fraction: progress of the run in [0, 1] (steps or budget).
+        warmup_steps: warm-up length.
+    """
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    cos = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, fraction))))
+    return warm * cos
+
+
+def model_dir(project_path: str | os.PathLike, model_id: str) -> Path:
+    return Path(project_path) / "models" / model_id
+
+
+def _new_model_id(project_path: Path, method: str) -> str:
+    base = f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    mid, n = base, 1
+    while model_dir(project_path, mid).exists():
+        n += 1
+        mid = f"{base}-{n}"
+    return mid
+
+
+def _latest_model_with_checkpoint(project_path: Path) -> str | None:
+    root = Path(project_path) / "models"
+    found = [(p.stat().st_mtime, p.parent.name) for p in root.glob("*/latest.pt")] if root.is_dir() else []
+    return max(found)[1] if found else None
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """``torch.save`` to a temporary file, then ``os.replace`` (never a half-written file).
+
+    Args:
+        path: final file path.
+        payload: tensors and plain Python values only.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _link_latest(step_file: Path) -> Path:
+    """Point ``latest.pt`` at ``step_file`` atomically (hard link; copy where links fail)."""
+    latest = step_file.with_name("latest.pt")
+    tmp = step_file.with_name(f".latest.pt.tmp-{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(step_file, tmp)
+    except OSError:
+        shutil.copyfile(step_file, tmp)
+    os.replace(tmp, latest)
+    return latest
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``).
+
+    Args:
+        path: the ``.pt`` file.
+        device: where tensors go.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+        raise InputError(path, f"not a readable lesionseg checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise InputError(path, "not a lesionseg checkpoint (no model/meta)")
+    return ckpt
+
+
+def _validate(method, ts: TrainingSet) -> tuple[float | None, dict[str, float | None]]:
+    """Dice per class on the validation cases, pooled over all their pixels.
+
+    A class absent from both the references and the predictions of every validation case has no
+    Dice (None); the overall Dice is the mean of the classes that have one.
+    """
+    from training_backend.inference import gate_labels, gate_threshold
+
+    k = len(ts.classes)
+    inter = torch.zeros(k, dtype=torch.float64)
+    sums = torch.zeros(k, dtype=torch.float64)
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        for images, targets in ts.validation_batches():
+            pred = method.predict(images)
+            labels = gate_labels(pred.probs.argmax(1), pred.presence, gate_threshold(method))  # (B, S, S)
+            valid = targets >= 0
+            for c in range(1, k + 1):
+                p = (labels == c) & valid
+                t = targets == c
+                inter[c - 1] += float((p & t).sum())
+                sums[c - 1] += float(p.sum() + t.sum())
+    method.train(was_training)
+    per_class = {name: (None if sums[i] == 0 else float(2 * inter[i] / sums[i]))
+                 for i, name in enumerate(ts.classes)}
+    vals = [v for v in per_class.values() if v is not None]
+    return (sum(vals) / len(vals) if vals else None), per_class
+
+
+# ----------------------------------------------------------------------------- the loop
+def run_training(project_path: str | os.PathLike, config: TrainConfig, resume: bool = False,
+                 cancel: Callable[[], bool] | None = None) -> Iterator[Event]:
+    """Train a model on a project, yielding events; the last one is `Finished` or `Failed`.
+
+    Errors never escape as exceptions (except ``KeyboardInterrupt`` / ``GeneratorExit``): they end
+    the stream with ``Failed(message, traceback, user_error)``; ``user_error`` is True for
+    `LesionsegError` (bad project, bad option), whose message is one line for the user. Use
+    `train` to get an exception instead.
+
+    Args:
+        project_path: the project folder.
+        config: the run's settings. With ``resume=True`` the saved ``config.json`` of
+            ``config.model_id`` (default: the newest model with a checkpoint) is used instead,
+            except ``device``, ``threads`` and ``checkpoint_every_s``, which are taken from
+            ``config``.
+        resume: continue from ``latest.pt`` of that model (same step count, learning-rate
+            schedule and random streams; a run killed mid-way ends at the requested total).
+        cancel: polled every step; when it returns True the run stops gracefully (checkpoint,
+            model registered, no predictions) with ``Finished(reason="cancelled")``.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield from _Run(Path(project_path), config, resume, cancel).events()
+    except LesionsegError as exc:
+        yield Failed(str(exc), traceback.format_exc(), user_error=True)
+    except Exception as exc:  # noqa: BLE001 - reported as an event, see docstring
+        yield Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    finally:
+        torch.set_num_threads(threads)  # in-process callers keep their setting
+
+
+def train(project_path: str | os.PathLike, config: TrainConfig, resume: bool = False,
+          cancel: Callable[[], bool] | None = None,
+          on_event: Callable[[Event], Any] | None = None) -> Finished:
+    """Drain `run_training`; return its `Finished` event or raise on `Failed`.
+
+    Args:
+        project_path, config, resume, cancel: as for `run_training`.
+        on_event: called with every event (e.g. to print progress).
+
+    Raises:
+        LesionsegError: a user error (one-line message).
+        RuntimeError: any other failure (message and traceback).
+    """
+    for event in run_training(project_path, config, resume=resume, cancel=cancel):
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, Failed):
+            if event.user_error:
+                raise LesionsegError(event.message)
+            raise RuntimeError(f"training failed: {event.message}\n{event.traceback}")
+        if isinstance(event, Finished):
+            return event
+    raise RuntimeError("training ended without a Finished event")  # pragma: no cover
+
+
+class _Run:
+    """State of one run; `events` is the loop."""
+
+    def __init__(self, project_path: Path, config: TrainConfig, resume: bool,
+                 cancel: Callable[[], bool] | None):
+        self.project_path = project_path
+        self.given = config
+        self.resume = resume
+        self.cancel = cancel or (lambda: False)
+
+    # ---- set-up
+    def _setup(self) -> None:
+        from training_backend.inference import check_compatible, resolve_checkpoint
+        from training_backend.methods import METHODS, create_method
+
+        project = Project.open(self.project_path, mode="r+")
+        self.project = project
+        ckpt = None
+        cfg = self.given
+        if self.resume:
+            mid = cfg.model_id or _latest_model_with_checkpoint(project.path)
+            if mid is None:
+                raise ProjectError(f"{project.path}: no checkpoint to resume (train a model first)")
+            mdir = model_dir(project.path, mid)
+            latest = mdir / "latest.pt"
+            if not latest.is_file():
+                raise ProjectError(f"{mdir}: no checkpoint to resume (latest.pt missing)")
+            ckpt = load_checkpoint(latest)
+            saved = ckpt["meta"]["config"]
+            cfg_json = mdir / "config.json"
+            if cfg_json.is_file():
+                saved = json.loads(cfg_json.read_text(encoding="utf-8"))
+            cfg = TrainConfig.from_dict({**saved, "device": self.given.device,
+                                         "threads": self.given.threads,
+                                         "checkpoint_every_s": self.given.checkpoint_every_s,
+                                         "model_id": mid})
+        else:
+            if cfg.model_id is None:
+                cfg = TrainConfig.from_dict({**cfg.to_dict(), "model_id": _new_model_id(project.path, cfg.method)})
+            elif (model_dir(project.path, cfg.model_id) / "latest.pt").exists():
+                raise ProjectError(f"{model_dir(project.path, cfg.model_id)}: model already exists "
+                                   f"(use --resume to continue it, or another --model-id)")
+        if cfg.method not in METHODS:
+            create_method(cfg.method)  # raises the registry's error listing the valid names
+        self.cfg = cfg
+        self.model_id = cfg.model_id
+        self.mdir = model_dir(project.path, self.model_id)
+        self.device = resolve_device(cfg.device)
+        torch.set_num_threads(int(cfg.threads or os.cpu_count() or 1))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        method_cls = METHODS[cfg.method]
+        self.supervision = method_cls.supervision
+        init = None
+        if ckpt is not None:
+            channels = int(ckpt["meta"]["in_channels"])
+        elif cfg.init_from:
+            init_path = resolve_checkpoint(project, cfg.init_from)
+            init = load_checkpoint(init_path)
+            check_compatible(project, init["meta"], init_path)
+            channels = int(init["meta"]["in_channels"])
+        else:
+            channels = project_channels(project)
+        self.channels = channels
+        self.preprocessor = Preprocessor(cfg.image_size, channels)
+        self.ts = self._snapshot()
+
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        k, n_img = len(project.classes), len(project.image_classes)
+        self.method = create_method(cfg.method, in_channels=channels, n_classes=k,
+                                    n_image_classes=n_img, model=cfg.model,
+                                    **cfg.method_options).to(self.device)
+        self.optimizer = torch.optim.AdamW(list(self.method.trainable_parameters()), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        self.step, self.elapsed0, self.round = 0, 0.0, 0
+        if ckpt is not None:
+            self.method.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.step = int(ckpt["step"])
+            self.elapsed0 = float(ckpt["elapsed_s"])
+            self.round = int(ckpt.get("round", 0))
+            _set_rng_state(ckpt["rng"], self.generator, self.device)
+        elif init is not None:
+            own = self.method.state_dict()
+            usable = {k_: v for k_, v in init["model"].items() if k_ in own and own[k_].shape == v.shape}
+            if not usable:
+                raise InputError(cfg.init_from, "no weights of this checkpoint fit the "
+                                                f"{cfg.method!r} model")
+            self.method.load_state_dict(usable, strict=False)
+        self.mdir.mkdir(parents=True, exist_ok=True)
+        for stale in self.mdir.glob(".*.tmp-*"):  # left by a run killed while saving
+            stale.unlink(missing_ok=True)
+        atomic_write_json(self.mdir / "config.json", cfg.to_dict())
+
+    def _snapshot(self) -> TrainingSet:
+        """Re-read the store and rebuild the training tensors (cached preprocessing)."""
+        self.project.refresh()
+        ts = build_training_set(self.project, self.cfg.image_size, self.supervision,
+                                channels=self.channels, seed=self.cfg.seed,
+                                preprocessor=self.preprocessor)
+        counts = ts.counts
+        requires = tuple(self.supervision.requires)
+        if requires and not any(counts.get(r, 0) > 0 for r in requires):
+            names = {"full": "full masks", "sparse": "sparse masks (scribbles)",
+                     "image_label": "image labels", "unlabelled": "unlabelled images"}
+            need = " or ".join(names.get(r, r) for r in requires)
+            have = ", ".join(f"{v} {names[k_]}" for k_, v in counts.items())
+            raise ProjectError(f"{self.project.path}: method {self.cfg.method!r} needs {need} "
+                               f"on training cases; the project has {have}")
+        if ts.labelled.numel() == 0:
+            raise ProjectError(f"{self.project.path}: no training case has supervision that method "
+                               f"{self.cfg.method!r} can use")
+        return ts.to(self.device)
+
+    # ---- checkpoints
+    def _meta(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "model_id": self.model_id, "method": self.cfg.method,
+                "in_channels": self.channels, "n_classes": len(self.project.classes),
+                "n_image_classes": len(self.project.image_classes),
+                "classes": self.project.classes, "image_classes": self.project.image_classes,
+                "image_size": self.cfg.image_size, "config": self.cfg.to_dict(),
+                "project": str(self.project.path), "time": now_iso()}
+
+    def _save(self, elapsed: float) -> Path:
+        path = self.mdir / f"step_{self.step:06d}.pt"
+        save_checkpoint(path, {"model": self.method.state_dict(),
+                               "optimizer": self.optimizer.state_dict(),
+                               "step": self.step, "elapsed_s": float(elapsed), "round": self.round,
+                               "rng": _rng_state(self.generator, self.device),
+                               "meta": self._meta()})
+        _link_latest(path)
+        steps = sorted(self.mdir.glob("step_*.pt"))
+        for old in steps[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+        return path
+
+    # ---- predictions
+    def _predict(self) -> Iterator[Event]:
+        from training_backend.inference import iter_predictions
+
+        done = []
+        for item in iter_predictions(self.project, self.method, image_size=self.cfg.image_size,
+                                     channels=self.channels, mc_samples=self.cfg.mc_samples,
+                                     device=self.device, model_id=self.model_id,
+                                     cancel=self.cancel):
+            done.append(item.case_id)
+        self.method.train()
+        yield PredictionsReady(self.model_id, tuple(done))
+
+    # ---- the loop
+    def events(self) -> Iterator[Event]:
+        self._setup()
+        cfg, method, opt = self.cfg, self.method, self.optimizer
+        total, budget = cfg.total_steps, cfg.budget
+        warmup = min(50, max(1, (total or 500) // 10))
+        unl_size = max(1, cfg.batch_size // 2) if self.supervision.unlabelled else 0
+        yield Started(self.model_id, cfg.method, str(self.device), self.ts.n_train, self.ts.n_val,
+                      total, budget, start_step=self.step)
+
+        t0 = time.monotonic()
+        paused = 0.0  # seconds spent predicting between rounds (not training time)
+
+        def elapsed() -> float:
+            return self.elapsed0 + time.monotonic() - t0 - paused
+
+        def fraction() -> float:
+            f = []
+            if total:
+                f.append(self.step / total)
+            if budget:
+                f.append(elapsed() / budget)
+            return min(1.0, max(f))
+
+        acc: dict[str, torch.Tensor] = {}
+        n_acc = 0
+        last_report = last_ckpt = time.monotonic()
+        last_val_step = -1
+        dice: float | None = None
+        per_class: dict = {}
+        reason = None
+        first_step = True
+        method.train()
+
+        last_report_step = -1
+
+        def report() -> Iterator[Event]:
+            nonlocal acc, n_acc, last_report, last_report_step
+            if n_acc:
+                values = {k_: float(v) / n_acc for k_, v in acc.items()}  # one sync per report
+                bad = [k_ for k_, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    raise LesionsegError(f"{self.mdir}: loss became {values[bad[0]]} at step "
+                                         f"{self.step} ({bad[0]}); try a lower learning rate")
+                yield Loss(self.step, values)
+            acc, n_acc = {}, 0
+            yield Progress(self.step, total, elapsed(), fraction())
+            last_report = time.monotonic()
+            last_report_step = self.step
+
+        while True:
+            if total is not None and self.step >= total:
+                reason = "steps"
+            elif budget is not None and elapsed() >= budget:
+                reason = "budget"
+            elif self.cancel():
+                reason = "cancelled"
+            if reason:
+                break
+            frac = fraction()
+            # round boundary: re-snapshot the store (new annotations join the training)
+            if cfg.rounds > 1 and self.round < cfg.rounds - 1 and frac >= (self.round + 1) / cfg.rounds:
+                yield from report()
+                if self.ts.n_val and last_val_step != self.step:
+                    dice, per_class = _validate(method, self.ts)
+                    last_val_step = self.step
+                    yield Validation(self.step, dice, per_class)
+                yield RoundFinished(self.round + 1, int(self.ts.labelled.numel()), dice)
+                t_pause = time.monotonic()
+                if cfg.predict:
+                    yield from self._predict()
+                self.round += 1
+                self.ts = self._snapshot()
+                paused += time.monotonic() - t_pause
+                continue
+
+            batch = self.ts.sample(cfg.batch_size, self.generator, unlabelled_size=unl_size)
+            lr = cfg.lr * lr_factor(self.step, frac, warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            parts = method.training_step(batch, self.step, frac)
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            opt.step()
+            method.after_step(self.step, frac)
+            self.step += 1
+            for k_, v in parts.items():
+                v = v.detach()
+                acc[k_] = acc[k_] + v if k_ in acc else v
+            n_acc += 1
+
+            now = time.monotonic()
+            if first_step or now - last_report >= REPORT_EVERY_S:
+                first_step = False
+                yield from report()
+            if self.ts.n_val and self.step % cfg.validate_every == 0:
+                dice, per_class = _validate(method, self.ts)
+                last_val_step = self.step
+                yield Validation(self.step, dice, per_class)
+            if now - last_ckpt >= cfg.checkpoint_every_s:
+                path = self._save(elapsed())
+                last_ckpt = time.monotonic()
+                yield CheckpointSaved(self.step, str(path))
+
+        # ---- the end
+        if n_acc or last_report_step != self.step:
+            yield from report()
+        if self.ts.n_val and last_val_step != self.step and reason != "cancelled":
+            dice, per_class = _validate(method, self.ts)
+            yield Validation(self.step, dice, per_class)
+        end_elapsed = elapsed()
+        path = self._save(end_elapsed)
+        yield CheckpointSaved(self.step, str(path))
+        if reason != "cancelled":
+            yield RoundFinished(self.round + 1, int(self.ts.labelled.numel()), dice)
+            if cfg.predict:
+                yield from self._predict()
+        self.project.register_model(self.model_id, {
+            "method": cfg.method, "step": self.step, "time": now_iso(),
+            "checkpoint": str(path), "status": "cancelled" if reason == "cancelled" else "finished",
+            "metrics": {"val_dice": dice, "per_class": per_class}, "device": str(self.device),
+            "n_train": self.ts.n_train, "n_val": self.ts.n_val, "elapsed_s": round(end_elapsed, 3),
+            "image_size": cfg.image_size, "channels": self.channels, "config": cfg.to_dict(),
+        })
+        yield Finished(self.model_id, self.step, reason, str(path))
