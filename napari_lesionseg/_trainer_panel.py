@@ -1,0 +1,507 @@
+"""Trainer panel: choose a method, start/stop the background trainer process, watch it learn.
+
+The trainer runs in its own process (``training_backend.process.TrainerProcess``); a QTimer on
+the GUI thread polls its events every ``POLL_MS`` and maps them onto widgets, napari's activity
+dock (``napari.utils.progress``) and the workspace state. This module never imports torch: the
+training configuration travels as a plain dict, and the method registry (which needs torch) is
+read once in a worker thread.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_lesionseg._plot import LearningCurve
+from napari_lesionseg._tasks import error_message, guarded, logger, run_task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from training_backend.store import Project
+
+    from napari_lesionseg._state import WorkspaceState
+
+POLL_MS = 200
+DEVICES = ("auto", "cpu", "cuda", "mps")
+REAP_INTERVAL_MS = 200
+REAP_TIMEOUT_S = 30.0
+#: Default method when the labels allow it (masks or scribbles); otherwise the first available.
+PREFERRED_METHOD = "supervised"
+
+
+class TrainSettings(dict):
+    """A training configuration as a plain dict (``TrainConfig.to_dict`` form).
+
+    ``TrainerProcess`` only calls ``config.to_dict()``; the child process builds and validates
+    the real ``TrainConfig`` -- so the GUI process never imports torch.
+    """
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    @property
+    def model_id(self) -> str | None:
+        return self.get("model_id")
+
+
+_METHOD_TABLE: list[tuple[str, tuple[str, ...], str]] | None = None
+_METHOD_TABLE_CODE = (
+    "import json\n"
+    "from training_backend.methods import METHODS\n"
+    "print(json.dumps([[n, list(c.supervision.requires), c.description]"
+    " for n, c in METHODS.items()]))\n"
+)
+
+
+def method_table() -> list[tuple[str, tuple[str, ...], str]]:
+    """``(name, requires, description)`` of every registered method.
+
+    The registry imports torch, so it is read once in a short-lived child interpreter (the GUI
+    process stays torch-free) and cached. Runs in a worker thread.
+    """
+    global _METHOD_TABLE
+    if _METHOD_TABLE is None:
+        import training_backend
+        from napari_lesionseg._tasks import run_child
+
+        root = str(Path(training_backend.__file__).resolve().parent.parent)
+        out = run_child([sys.executable, "-c", _METHOD_TABLE_CODE], pythonpath=root)
+        _METHOD_TABLE = [(str(n), tuple(req), str(desc)) for n, req, desc in json.loads(out)]
+    return list(_METHOD_TABLE)
+
+
+def supervision_counts(project: Project) -> dict[str, int]:
+    """How many training cases have each kind of supervision (the store counts them)."""
+    return project.supervision_counts()
+
+
+def available(table: list[tuple[str, tuple[str, ...], str]], counts: dict[str, int]) -> list[str]:
+    """Methods whose ``requires`` (at least one kind present) is met by ``counts``."""
+    return [name for name, requires, _d in table
+            if not requires or any(counts.get(kind, 0) > 0 for kind in requires)]
+
+
+class TrainerPanel(QWidget):
+    """Method/device/budget controls, start/stop, progress, loss, Dice and the learning curve.
+
+    Args:
+        state: the workspace state.
+    """
+
+    def __init__(self, state: WorkspaceState, parent=None):
+        super().__init__(parent)
+        self.state = state
+        self.process = None                     # the running TrainerProcess
+        self._methods: list[tuple[str, tuple[str, ...], str]] | None = None
+        self._names: list[str] = []
+        self._cancel_sent = False
+        self._loss_text = ""
+        self._activity: progress | None = None
+        self._run_points: list[tuple[int, float]] = []
+        self._model_id: str | None = None
+        self._last_dice: float | None = None
+        self._n_labelled: int | None = None
+        self.events_seen: list[Any] = []        # every event of the current run (tests, debugging)
+        self._timer = QTimer(self)
+        self._timer.setInterval(POLL_MS)
+        self._timer.timeout.connect(guarded(self.poll))
+        self._build()
+        state.project_changed.connect(self._on_project)
+        state.cases_changed.connect(self._update_methods)
+        state.case_updated.connect(self._on_labels_saved)
+        self._on_project(state.project)
+        run_task(method_table, on_done=self._on_method_table, on_error=self._on_method_error)
+
+    # ------------------------------------------------------------------ widgets
+    def _build(self) -> None:
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        form = QFormLayout()
+        form.setContentsMargins(0, 0, 0, 0)
+        self._method = QComboBox()
+        self._method.setToolTip("Only methods whose supervision your labels meet are listed")
+        form.addRow("Method", self._method)
+        row = QHBoxLayout()
+        self._device = QComboBox()
+        self._device.addItems(DEVICES)
+        self._budget = QSpinBox()
+        self._budget.setRange(0, 7 * 24 * 3600)
+        self._budget.setValue(120)
+        self._budget.setSuffix(" s")
+        self._budget.setSpecialValueText("none")
+        self._budget.setToolTip("Wall-clock training budget (0 = use steps only)")
+        row.addWidget(self._device)
+        row.addWidget(QLabel("budget"))
+        row.addWidget(self._budget, 1)
+        form.addRow("Device", row)
+        row2 = QHBoxLayout()
+        self._steps = QSpinBox()
+        self._steps.setRange(0, 10_000_000)
+        self._steps.setSpecialValueText("—")
+        self._steps.setToolTip("Optimisation steps (— = budget only); with both, first one ends")
+        self._image_size = QSpinBox()
+        self._image_size.setRange(16, 2048)
+        self._image_size.setSingleStep(32)
+        self._image_size.setValue(128)
+        self._image_size.setSuffix(" px")
+        self._image_size.setToolTip("Training resolution (square)")
+        row2.addWidget(self._steps, 1)
+        row2.addWidget(QLabel("size"))
+        row2.addWidget(self._image_size, 1)
+        form.addRow("Steps", row2)
+        lay.addLayout(form)
+        self._continue = QCheckBox("fine-tune the latest model")
+        self._continue.setToolTip("Start from the newest checkpoint instead of from scratch")
+        lay.addWidget(self._continue)
+        auto = QHBoxLayout()
+        self._auto = QCheckBox("retrain after")
+        self._auto_n = QSpinBox()
+        self._auto_n.setRange(1, 1000)
+        self._auto_n.setValue(5)
+        auto.addWidget(self._auto)
+        auto.addWidget(self._auto_n)
+        auto.addWidget(QLabel("newly labelled cases"), 1)
+        lay.addLayout(auto)
+        buttons = QHBoxLayout()
+        self._start_btn = QPushButton("Start training")
+        self._start_btn.clicked.connect(lambda: self.start())
+        self._stop_btn = QPushButton("Stop")
+        self._stop_btn.setToolTip("Stop after the current step (a second click kills the process)")
+        self._stop_btn.clicked.connect(lambda: self.stop())
+        self._stop_btn.setEnabled(False)
+        buttons.addWidget(self._start_btn, 2)
+        buttons.addWidget(self._stop_btn, 1)
+        lay.addLayout(buttons)
+        self._bar = QProgressBar()
+        self._bar.setRange(0, 1000)
+        self._bar.setTextVisible(True)
+        self._bar.setFormat("idle")
+        lay.addWidget(self._bar)
+        self._metrics = QLabel("")
+        self._metrics.setWordWrap(True)
+        self._metrics.setStyleSheet("font-size: 11px;")
+        lay.addWidget(self._metrics)
+        self._status = QLabel("")
+        self._status.setWordWrap(True)
+        self._status.setStyleSheet("color: #9aa4b1; font-size: 11px;")
+        lay.addWidget(self._status)
+        self.curve = LearningCurve()
+        lay.addWidget(self.curve)
+
+    # ------------------------------------------------------------------ methods
+    def _on_method_error(self, exc: BaseException) -> None:
+        self._methods = []
+        self._status.setText(f"training methods unavailable: {error_message(exc)}")
+        self._update_methods()
+
+    def _on_method_table(self, table) -> None:
+        self._methods = table
+        self._update_methods()
+
+    def _update_methods(self, *_args) -> None:
+        project = self.state.project
+        current = self._method.currentText()
+        self._method.clear()
+        self._names = []
+        if project is None:
+            return
+        if self._methods is None:
+            self._method.addItem("(loading methods…)")
+            self._method.setEnabled(False)
+            return
+        counts = supervision_counts(project)
+        names = self._names = available(self._methods, counts)
+        desc = {n: d for n, _r, d in self._methods}
+        for i, name in enumerate(names):
+            self._method.addItem(name)
+            self._method.setItemData(i, desc.get(name, ""), Qt.ItemDataRole.ToolTipRole)
+        self._method.setEnabled(bool(names) and not self.state.training)
+        if current in names:
+            self._method.setCurrentText(current)
+        elif PREFERRED_METHOD in names:
+            self._method.setCurrentText(PREFERRED_METHOD)
+        self._start_btn.setEnabled(bool(names) and not self.state.training)
+        if not names:
+            self._status.setText("No method can train yet: give some cases an image label, "
+                                 "scribbles or a full mask.")
+        elif not self.state.training:
+            c = counts
+            self._status.setText(f"labels: {c.get('full', 0)} full · {c.get('sparse', 0)} sparse · "
+                                 f"{c.get('image_label', 0)} image labels · "
+                                 f"{c.get('unlabelled', 0)} unlabelled")
+
+    def available_methods(self) -> list[str]:
+        """Methods the current labels can train (empty until the registry is loaded)."""
+        return list(self._names) if self.state.project is not None else []
+
+    # ------------------------------------------------------------------ project
+    def _on_project(self, project: Project | None) -> None:
+        self.close_process()
+        self._update_methods()
+        self._run_points = []
+        self.curve.set_points(self._history_points(project))
+        for w in (self._start_btn, self._continue):
+            w.setEnabled(project is not None)
+
+    @staticmethod
+    def _history_points(project: Project | None) -> list[tuple[int, float]]:
+        if project is None:
+            return []
+        points = []
+        for info in project.models().values():
+            dice = (info.get("metrics") or {}).get("val_dice")
+            n = info.get("n_annotations", info.get("n_train"))
+            if isinstance(dice, (int, float)) and isinstance(n, int):
+                points.append((n, float(dice)))
+        return points
+
+    # ------------------------------------------------------------------ run control
+    def configure(self, method: str | None = None, device: str | None = None,
+                  budget_s: int | None = None, steps: int | None = None,
+                  image_size: int | None = None, fine_tune: bool | None = None) -> None:
+        """Set the controls (what a user would type); None leaves one unchanged.
+
+        Args:
+            method: a method listed in the combo box.
+            device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+            budget_s: wall-clock budget in seconds (0: steps only).
+            steps: optimisation steps (0: budget only).
+            image_size: training resolution.
+            fine_tune: start from the latest model.
+        """
+        if method is not None:
+            self._method.setCurrentText(method)
+        if device is not None:
+            self._device.setCurrentText(device)
+        if budget_s is not None:
+            self._budget.setValue(int(budget_s))
+        if steps is not None:
+            self._steps.setValue(int(steps))
+        if image_size is not None:
+            self._image_size.setValue(int(image_size))
+        if fine_tune is not None:
+            self._continue.setChecked(bool(fine_tune))
+
+    def settings(self) -> TrainSettings:
+        """The configuration the Start button would use."""
+        steps = self._steps.value() or None
+        budget = self._budget.value() or None
+        cfg = TrainSettings(method=self._method.currentText(), device=self._device.currentText(),
+                            image_size=self._image_size.value(), steps=steps, budget_s=budget,
+                            predict=True)
+        project = self.state.project
+        if self._continue.isChecked() and project is not None:
+            latest = project.latest_model() if hasattr(project, "latest_model") else None
+            if latest is not None and latest[1].get("checkpoint"):
+                cfg["init_from"] = latest[1]["checkpoint"]
+        return cfg
+
+    def start(self) -> bool:
+        """Start training in a background process; False if it could not start."""
+        project = self.state.project
+        if project is None or self.process is not None:
+            return False
+        if not self.available_methods():
+            show_warning("No training method fits the labels yet: label some cases first")
+            return False
+        self.state.save_requested.emit()      # the annotation being painted joins this run
+        self.state.reload_index()
+        from training_backend.process import TrainerProcess
+
+        cfg = self.settings()
+        proc = TrainerProcess(project.path, cfg)
+        try:
+            proc.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. cannot spawn
+            show_error(f"could not start the trainer: {exc}")
+            return False
+        self.process = proc
+        self.events_seen = []
+        self._last_dice = None
+        self._loss_text = ""
+        self._n_labelled = None
+        self._model_id = None
+        self.state.new_labels.clear()
+        self.state.training = True
+        self._activity = progress(total=1000, desc=f"Training {cfg['method']}")
+        self._bar.setValue(0)
+        self._bar.setFormat("starting the trainer …")
+        self._metrics.setText("")
+        self._status.setText(f"{cfg['method']} on {cfg['device']} · started "
+                             f"{time.strftime('%H:%M:%S')}")
+        self._set_running(True)
+        self._timer.start()
+        return True
+
+    def stop(self, force: bool = False) -> None:
+        """Stop gracefully (checkpoint, then finish); a second call (or ``force``) kills."""
+        proc = self.process
+        if proc is None:
+            return
+        if force or self._cancel_sent:
+            proc.kill()
+            self._status.setText("trainer killed; the last checkpoint is kept")
+            self._finish_run()
+            return
+        proc.cancel()
+        self._cancel_sent = True
+        self._stop_btn.setText("Kill")
+        self._bar.setFormat("stopping after this step …")
+
+    def _set_running(self, running: bool) -> None:
+        self._start_btn.setEnabled(not running and bool(self.available_methods()))
+        self._stop_btn.setEnabled(running)
+        self._stop_btn.setText("Stop")
+        self._cancel_sent = False
+        for w in (self._method, self._device, self._budget, self._steps, self._image_size,
+                  self._continue):
+            w.setEnabled(not running)
+
+    def _finish_run(self, wait: bool = False) -> None:
+        """The run is over: release the process (in the background unless ``wait``)."""
+        self._timer.stop()
+        proc, self.process = self.process, None
+        if proc is not None:
+            if wait:
+                _close_quietly(proc)
+            else:
+                self._reap(proc, time.monotonic() + REAP_TIMEOUT_S)
+        if self._activity is not None:
+            self._activity.close()
+            self._activity = None
+        self.state.training = False
+        self._set_running(False)
+        self._update_methods()
+        self.state.reload_index()
+
+    # ------------------------------------------------------------------ events
+    def poll(self) -> None:
+        """Drain the trainer's events (called by the timer every ``POLL_MS``)."""
+        if self.process is None:
+            return
+        try:
+            events = self.process.poll()
+        except Exception as exc:  # noqa: BLE001 - broken queue
+            events = [_failed(f"lost contact with the trainer: {exc}")]
+        for event in events:
+            self.handle_event(event)
+
+    def handle_event(self, event: Any) -> None:
+        """Map one trainer event onto the widgets and the workspace state."""
+        from training_backend import events as ev
+
+        self.events_seen.append(event)
+        if isinstance(event, ev.Started):
+            self._model_id = event.model_id
+            what = (f"{event.total_steps} steps" if event.total_steps
+                    else f"{event.budget_s:.0f} s budget" if event.budget_s else "")
+            self._status.setText(f"{event.model_id} on {event.device}: {event.n_train} training "
+                                 f"cases, {event.n_val} for validation, {what}")
+        elif isinstance(event, ev.Progress):
+            self._bar.setValue(int(round(1000 * max(0.0, min(1.0, event.fraction)))))
+            total = f"/{event.total}" if event.total else ""
+            self._bar.setFormat(f"step {event.step}{total} · {event.elapsed_s:.0f} s")
+            if self._activity is not None:
+                self._activity.n = self._bar.value()
+                self._activity.refresh()
+        elif isinstance(event, ev.Loss):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in event.values.items() if k != "loss")
+            loss = event.values.get("loss")
+            text = f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss"
+            self._loss_text = text + (f" ({parts})" if parts else "")
+            self._show_metrics()
+        elif isinstance(event, ev.Validation):
+            self._last_dice = event.dice
+            self._show_metrics()
+        elif isinstance(event, ev.RoundFinished):
+            self._n_labelled = event.n_annotations
+            if event.dice is not None:
+                self.curve.add_point(event.n_annotations, event.dice)
+        elif isinstance(event, ev.PredictionsReady):
+            self._bar.setFormat("predictions written")
+            if self.state.project is not None:
+                self.state.project.refresh()
+            self.state.outputs_changed.emit(tuple(event.case_ids))
+        elif isinstance(event, ev.CheckpointSaved):
+            self._status.setText(f"checkpoint at step {event.step}")
+        elif isinstance(event, ev.Finished):
+            self._bar.setValue(1000)
+            self._bar.setFormat(f"finished: {event.reason} · step {event.step}")
+            show_info(f"Training {event.model_id} finished ({event.reason}, step {event.step})")
+            self._status.setText(f"model {event.model_id} ready")
+            self._finish_run()
+        elif isinstance(event, ev.Failed):
+            message = event.message or "training failed"
+            show_error(message if len(message) < 300 else message[:297] + "...")
+            if event.traceback and not getattr(event, "user_error", False):
+                logger.error("lesionseg trainer failed:\n%s", event.traceback)
+            self._bar.setFormat("failed")
+            self._status.setText(f"failed: {message.splitlines()[0]} — fix it and press Start "
+                                 "to try again")
+            self._finish_run()
+
+    def _show_metrics(self) -> None:
+        text = self._loss_text
+        if self._last_dice is not None:
+            text += f" · validation Dice {self._last_dice:.3f}"
+        self._metrics.setText(text.strip(" ·"))
+
+    # ------------------------------------------------------------------ auto-retrain
+    def _on_labels_saved(self, _cid: str) -> None:
+        self._update_methods()
+        if (self._auto.isChecked() and self.process is None and self.state.project is not None
+                and len(self.state.new_labels) >= self._auto_n.value()):
+            n = len(self.state.new_labels)
+            if self.start():
+                show_info(f"Retraining: {n} newly labelled cases")
+
+    def set_auto_retrain(self, enabled: bool, n: int) -> None:
+        self._auto_n.setValue(n)
+        self._auto.setChecked(enabled)
+
+    def _reap(self, proc, deadline: float) -> None:
+        """Close a finished process once it has exited, without blocking the GUI thread (a
+        child still alive after ``deadline`` is killed)."""
+        if proc.is_alive() and time.monotonic() < deadline:
+            QTimer.singleShot(REAP_INTERVAL_MS, lambda: self._reap(proc, deadline))
+            return
+        if proc.is_alive():
+            proc.kill()
+        _close_quietly(proc)
+
+    def close_process(self) -> None:
+        """End a running trainer gracefully and wait for it (cancel, checkpoint; killed after
+        5 s) -- for closing the window."""
+        if self.process is not None:
+            self._status.setText("stopping the trainer …")
+            self._finish_run(wait=True)
+
+
+def _close_quietly(proc) -> None:
+    try:
+        proc.close()
+    except Exception:  # noqa: BLE001 - already gone
+        logger.debug("lesionseg: closing the trainer process failed", exc_info=True)
+
+
+def _failed(message: str):
+    from training_backend.events import Failed
+
+    return Failed(message)

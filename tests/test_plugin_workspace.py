@@ -1,0 +1,396 @@
+"""The lesion workspace in a real (headless, Xvfb) napari viewer.
+
+Style: set a widget's value or call its handler, then check layers and the project on disk.
+Work that the workspace runs in threads is awaited with ``qtbot.waitUntil``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from napari.layers import Image, Labels
+from napari.utils.key_bindings import coerce_keybinding
+
+from napari_lesionseg import _trainer_panel
+from napari_lesionseg._layers import ANNOTATION, PREDICTION, UNCERTAINTY, cam_layer_name
+from napari_lesionseg._tasks import running_tasks
+from napari_lesionseg._widget import LesionWorkspace
+from training_backend.acquisition import rank
+from training_backend.sample import create_sample_project
+from training_backend.store import BACKGROUND, Project
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(scope="module")
+def sample_template(tmp_path_factory):
+    """The bundled sample with masks and labels hidden as reference: every case starts
+    unlabelled, as in a fresh annotation project."""
+    path = tmp_path_factory.mktemp("sample") / "idrid"
+    create_sample_project(path, reference=True, hide_labels=True)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def method_registry():
+    """Read the method registry once (a child interpreter imports torch) for all tests."""
+    return _trainer_panel.method_table()
+
+
+@pytest.fixture()
+def sample_project(sample_template, tmp_path):
+    path = tmp_path / "idrid"
+    shutil.copytree(sample_template, path)
+    return path
+
+
+@pytest.fixture()
+def workspace(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    ws = LesionWorkspace(viewer)
+    viewer.window.add_dock_widget(ws, name="Lesion workspace")
+    yield ws
+    ws.shutdown()
+    qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)
+
+
+def show(ws, qtbot, cid):
+    ws.go_to(cid)
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_case == cid, timeout=10_000)
+    return ws.viewer.layers[ANNOTATION]
+
+
+def fake_outputs(project: Project, cid: str, entropy: float, seed: int = 0) -> str:
+    """Model outputs written through the store API, as inference would write them."""
+    rng = np.random.default_rng(seed)
+    h, w = project.case(cid).shape
+    k = len(project.classes)
+    prob = rng.dirichlet(np.ones(k + 1), size=(h, w)).transpose(2, 0, 1).astype(np.float32)
+    pred = prob.argmax(0).astype(np.uint8)  # (H, W)
+    cam = rng.random((k, h, w), dtype=np.float32)
+    unc = rng.random((h, w), dtype=np.float32)
+    scores = {"presence": [0.9] * k, "entropy": entropy, "bald": entropy / 2,
+              "lesion_frac": float((pred > 0).mean())}
+    return project.write_outputs(cid, "test-model", pred, prob, cam, unc, scores,
+                                 rng.random(16, dtype=np.float32))
+
+
+def test_label_paint_switch_and_reopen(workspace, qtbot, sample_project):
+    ws = workspace
+    ws.open_project(sample_project)
+    ann = ws.annotate_panel
+    first, second = ws.project.case_ids()[:2]
+    layer = show(ws, qtbot, first)
+    assert isinstance(layer, Labels) and not layer.data.any()
+    assert ws.viewer.layers.selection.active is layer
+
+    ann.set_image_label("lesion")
+    ann.set_presence("HE", True)
+    ann.set_presence("SE", False)
+    ann.set_kind("sparse")
+    layer.data[10:20, 30:40] = 2            # HE scribble
+    layer.data[100:104, :] = BACKGROUND      # painted background
+    show(ws, qtbot, second)                  # the switch saves the first case
+
+    reopened = Project.open(sample_project)
+    rec = reopened.case(first)
+    assert rec.image_label == "lesion"
+    assert rec.presence == {"HE": True, "SE": False}
+    mask, version = reopened.read_annotation(first)
+    assert version.kind == "sparse" and version.version == 1 and version.source == "manual"
+    assert (mask[10:20, 30:40] == 2).all() and (mask[100:104] == BACKGROUND).all()
+    assert np.count_nonzero(mask) == 100 + 4 * mask.shape[1]
+    assert reopened.read_annotation(second) is None  # opened, never painted: nothing saved
+
+    # a second workspace session on the same folder shows what was saved
+    ws.open_project(sample_project)
+    layer = show(ws, qtbot, first)
+    np.testing.assert_array_equal(layer.data, mask)
+    assert ann.kind() == "sparse" and ann.image_label() == "lesion"
+    assert ws.cases_panel.table.rowCount() == len(reopened)
+
+
+def test_autosave_after_paint_never_saves_unchanged_and_undo(workspace, qtbot, sample_project):
+    ws = workspace
+    ws.open_project(sample_project)
+    ann = ws.annotate_panel
+    cid = ws.project.case_ids()[0]
+    layer = show(ws, qtbot, cid)
+    ann.set_kind("full")
+    ann.select_paint_class(3)
+    assert layer.selected_label == 3
+    layer.paint((50, 50), 3)                   # a brush stroke: emits the paint event
+    qtbot.waitUntil(lambda: ws.project.case(cid).latest is not None, timeout=5_000)
+    v1 = ws.project.case(cid).latest
+    assert v1.kind == "full" and v1.version == 1
+    assert ann.save_now() is None              # unchanged: no new version
+    show(ws, qtbot, ws.project.case_ids()[1])  # nor on a case switch
+    layer = show(ws, qtbot, cid)
+    assert len(ws.project.case(cid).annotations) == 1
+
+    layer.data[0:5, 0:5] = 1
+    v2 = ann.save_now()
+    assert v2 is not None and v2.version == 2 and v2.parent == 1
+    ann.undo_save()                            # Project.revert_annotation: v1 again as v3
+    mask1, _ = ws.project.read_annotation(cid, 1)
+    latest_mask, v3 = ws.project.read_annotation(cid)
+    assert v3.version == 3 and v3.source == "revert:2"
+    np.testing.assert_array_equal(latest_mask, mask1)
+    np.testing.assert_array_equal(ws.viewer.layers[ANNOTATION].data, mask1)
+
+
+def test_model_layers_accept_and_edit_prediction(workspace, qtbot, sample_project):
+    ws = workspace
+    ws.open_project(sample_project)
+    ann = ws.annotate_panel
+    cid = ws.project.case_ids()[2]
+    show(ws, qtbot, cid)
+    assert PREDICTION not in ws.viewer.layers
+    output_id = fake_outputs(ws.project, cid, entropy=0.5)
+    ws.project.refresh()
+    ws.state.outputs_changed.emit((cid,))     # what the trainer panel does on PredictionsReady
+    qtbot.waitUntil(lambda: PREDICTION in ws.viewer.layers, timeout=5_000)
+    layers = ws.viewer.layers
+    outputs = ws.project.read_outputs(cid)
+    np.testing.assert_array_equal(layers[PREDICTION].data, outputs.pred)
+    for k, name in enumerate(ws.project.classes):
+        cam = layers[cam_layer_name(name)]
+        assert isinstance(cam, Image) and cam.colormap.name == "inferno"
+        assert cam.blending == "additive" and cam.opacity == 0.5
+        np.testing.assert_allclose(cam.data, outputs.cam[k].astype(np.float32))
+    assert layers[UNCERTAINTY].colormap.name == "magma"
+    assert layers.selection.active is layers[ANNOTATION]     # still painting, not on a new layer
+    names = [lyr.name for lyr in layers]
+    assert names.index("image") < names.index(cam_layer_name("MA")) < names.index(UNCERTAINTY) \
+        < names.index(PREDICTION) < names.index(ANNOTATION)
+
+    ann.show_model_layers(prediction=False, cam=True)
+    assert not layers[PREDICTION].visible
+    ann.select_paint_class(2)                  # the CAM shown follows the paint class
+    assert layers[cam_layer_name("HE")].visible and not layers[cam_layer_name("MA")].visible
+
+    version = ann.accept_prediction()
+    assert version.kind == "full" and version.source == f"prediction:{output_id}"
+    mask, _ = ws.project.read_annotation(cid)
+    np.testing.assert_array_equal(mask, outputs.pred)
+
+    other = ws.project.case_ids()[3]
+    fake_outputs(ws.project, other, entropy=0.1, seed=1)
+    ws.project.refresh()
+    layer = show(ws, qtbot, other)
+    ann.edit_prediction()
+    layer.data[layer.data == 1] = 0            # the clinician removes the MA false positives
+    show(ws, qtbot, cid)
+    edited, v = ws.project.read_annotation(other)
+    assert v.source.startswith("prediction:") and v.kind == "full"
+    assert not (edited == 1).any()
+
+
+def test_next_case_follows_the_ranking_and_previous_goes_back(workspace, qtbot, sample_project):
+    project = Project.open(sample_project)
+    ids = project.case_ids()
+    for i, cid in enumerate(ids):
+        fake_outputs(project, cid, entropy=float((i * 7) % 10) / 10, seed=i)
+    expected = [cid for cid, _s in rank(project, "entropy", k=len(ids))]
+    ws = workspace
+    ws.open_project(sample_project)
+    cases = ws.cases_panel
+    assert cases.table.rowCount() == len(ids)
+    visited = []
+    for step in range(3):
+        cases.next_case()
+        qtbot.waitUntil(lambda: ws.state.case_id not in (visited[-1:] or [None]), timeout=5_000)
+        visited.append(ws.state.case_id)
+    assert visited == expected[:3]
+    cases.previous_case()
+    assert ws.state.case_id == expected[1]
+
+    # another strategy reorders "next"; visited cases are skipped
+    cases.set_strategy("bald")
+    expected_bald = [c for c, _s in rank(project, "bald", k=len(ids)) if c != ws.state.case_id]
+    before = ws.state.case_id
+    cases.next_case()
+    qtbot.waitUntil(lambda: ws.state.case_id != before, timeout=5_000)
+    assert ws.state.case_id == expected_bald[0]
+    bald = [c for c, _s in rank(project, "bald", k=len(ids))]
+    assert [c for c, _s in cases.ranking] == bald
+    top_row = next(r for r in range(len(ids)) if cases.table.item(r, 0).text()
+                   == project.case(bald[0]).name)
+    assert cases.table.item(top_row, 4).text() == "1"   # the Rank column
+
+
+def test_keyboard_shortcuts(workspace, qtbot, sample_project):
+    ws = workspace
+    ws.open_project(sample_project)
+    handler = ws.viewer.window._qt_viewer._key_map_handler  # noqa: SLF001 - what a key press calls
+    handler.press_key("n")
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_case is not None, timeout=5_000)
+    first = ws.state.case_id
+    layer = ws.viewer.layers[ANNOTATION]
+    assert ws.viewer.layers.selection.active is layer
+    handler.press_key("3")                     # digit on the annotation layer: paint class 3
+    assert layer.selected_label == 3 and layer.mode == "paint"
+    handler.press_key("0")
+    assert layer.selected_label == BACKGROUND  # sparse mode: painted background
+    handler.press_key("Alt-2")                 # image label 2 = "lesion"
+    assert ws.project.case(first).image_label == "lesion"
+    handler.press_key("Alt-0")
+    assert ws.project.case(first).image_label is None
+    handler.press_key("n")
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_case not in (None, first), timeout=5_000)
+    handler.press_key("Shift-N")
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_case == first, timeout=5_000)
+    assert ws.viewer.keymap[coerce_keybinding("a")].__doc__ == "accept prediction"
+
+
+def test_export_writes_files(workspace, qtbot, sample_project, tmp_path):
+    ws = workspace
+    ws.open_project(sample_project)
+    cid = ws.project.case_ids()[0]
+    layer = show(ws, qtbot, cid)
+    ws.annotate_panel.set_kind("full")
+    layer.data[5:9, 5:9] = 1
+    out = tmp_path / "masks"
+    ws.export_panel.export(out_dir=str(out), fmt="png", source="annotation")  # saves first
+    qtbot.waitUntil(lambda: ws.export_panel.last_report is not None, timeout=10_000)
+    report = ws.export_panel.last_report
+    assert [c for c, _p in report.exported] == [cid]
+    from training_backend import io
+
+    written = io.read_mask(report.exported[0][1], n_classes=4)
+    assert (written[5:9, 5:9] == 1).all() and written.sum() == 16
+    assert (out / "provenance.csv").is_file()
+
+
+def test_create_project_and_import_folder(workspace, qtbot, tmp_path):
+    from training_backend import io
+
+    images = tmp_path / "scans"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        io.write_mask(images / f"scan ({i}).png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    ws = workspace
+    project = ws.project_panel.create_project(tmp_path / "new", ["lesion", "cyst"], ["normal", "abnormal"])
+    assert project is not None and ws.project is project
+    ws.project_panel.import_folder(images)
+    qtbot.waitUntil(lambda: len(ws.project) == 3, timeout=20_000)
+    qtbot.waitUntil(lambda: ws.cases_panel.table.rowCount() == 3, timeout=5_000)
+    names = sorted(ws.cases_panel.table.item(r, 0).text() for r in range(3))
+    assert names == ["scan (0)", "scan (1)", "scan (2)"]
+    ann = ws.annotate_panel
+    assert [b.text() for b in ann._paint_group.buttons()] == ["1 lesion", "2 cyst", "0 background"]  # noqa: SLF001
+
+
+def test_trainer_runs_in_a_process_and_shows_outputs(workspace, qtbot, tiny_project, monkeypatch):
+    ws = workspace
+    ws.open_project(tiny_project.path)
+    trainer = ws.trainer_panel
+    qtbot.waitUntil(lambda: "supervised" in trainer.available_methods(), timeout=10_000)
+    assert "cam" in trainer.available_methods()   # image labels exist too
+    cid = tiny_project.case_ids()[7]              # the unlabelled case
+    show(ws, qtbot, cid)
+    trainer.configure(method="supervised", steps=5, budget_s=0, image_size=32, device="cpu")
+    assert trainer.start()
+    assert ws.state.training and not trainer.start()   # one run at a time
+    qtbot.waitUntil(lambda: trainer.process is None, timeout=90_000)
+    kinds = [type(e).__name__ for e in trainer.events_seen]
+    assert kinds[0] == "Started" and kinds[-1] == "Finished", kinds
+    assert "PredictionsReady" in kinds
+    qtbot.waitUntil(lambda: UNCERTAINTY in ws.viewer.layers, timeout=10_000)
+    layers = ws.viewer.layers
+    assert PREDICTION in layers and cam_layer_name("lesion") in layers
+    assert layers[PREDICTION].data.shape == tiny_project.case(cid).shape
+    assert not ws.state.training
+    assert trainer._start_btn.isEnabled()   # noqa: SLF001 - ready for another run
+    [round_end] = [e for e in trainer.events_seen if type(e).__name__ == "RoundFinished"]
+    assert round_end.dice is not None        # 4 full masks: one is held out for validation
+    assert trainer.curve.points[-1] == (round_end.n_annotations, pytest.approx(round_end.dice))
+    assert not trainer.curve.grab().isNull()  # the label-efficiency plot paints
+
+    # a trainer process that dies is reported, and training can start again
+    errors = []
+    monkeypatch.setattr(_trainer_panel, "show_error", errors.append)
+    assert trainer.start()
+    os.kill(trainer.process.pid, signal.SIGKILL)
+    qtbot.waitUntil(lambda: trainer.process is None, timeout=10_000)
+    assert errors and "trainer process died" in errors[0]
+    assert not ws.state.training and trainer._start_btn.isEnabled()  # noqa: SLF001
+    assert trainer.start()
+    trainer.stop(force=True)                      # Stop twice = kill
+    assert trainer.process is None and not ws.state.training
+
+
+def test_auto_retrain_after_n_new_labels(workspace, qtbot, sample_project, monkeypatch):
+    ws = workspace
+    ws.open_project(sample_project)
+    started = []
+    monkeypatch.setattr(ws.trainer_panel, "start", lambda: started.append(True) or True)
+    ws.trainer_panel.set_auto_retrain(True, 2)
+    ids = ws.project.case_ids()
+    show(ws, qtbot, ids[0])
+    ws.annotate_panel.set_image_label("lesion")
+    assert started == []
+    show(ws, qtbot, ids[1])
+    ws.annotate_panel.set_image_label("no lesion")
+    assert started == [True]
+
+
+def test_launch_docks_the_workspace_on_a_project(monkeypatch, qtbot, sample_project, tmp_path):
+    import napari
+
+    from napari_lesionseg._launch import DOCK_NAME, launch
+    from training_backend.errors import ProjectError
+
+    with pytest.raises(ProjectError, match="not a lesionseg project"):
+        launch(project=tmp_path)              # checked before any window opens
+    seen = {}
+
+    def fake_run():                           # instead of blocking in the event loop
+        viewer = napari.current_viewer()
+        dock = viewer.window.dock_widgets[DOCK_NAME]
+        seen["project"] = dock.project.path
+        seen["cases"] = dock.cases_panel.table.rowCount()
+        dock.shutdown()
+        viewer.close()
+
+    monkeypatch.setattr(napari, "run", fake_run)
+    assert launch(project=sample_project) == 0
+    assert seen == {"project": sample_project, "cases": 10}
+
+
+def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox
+
+    from napari_lesionseg import _project_panel
+    from napari_lesionseg._dialogs import CsvImportDialog
+    from training_backend.importer import read_csv_table
+    from training_backend.sample import sample_manifest_path
+
+    ws = workspace
+    panel = ws.project_panel
+    monkeypatch.setattr(_project_panel.QFileDialog, "getExistingDirectory",
+                        lambda *a, **k: str(tmp_path / "from_button"))
+    monkeypatch.setattr(_project_panel.QMessageBox, "question",
+                        lambda *a, **k: QMessageBox.StandardButton.Yes)
+    panel._sample_btn.click()                  # noqa: SLF001 - the "Sample…" button
+    assert ws.project is not None and len(ws.project) == 10
+    assert all(r.status == "unlabelled" and r.has_reference for r in ws.project.cases())
+
+    # CSV import: the dialog guesses the mask columns, the user picks the label column
+    project = ws.project_panel.create_project(tmp_path / "csv", ["MA", "HE", "EX", "SE"],
+                                              ["no lesion", "lesion"])
+    dialog = CsvImportDialog(project, read_csv_table(sample_manifest_path()))
+    dialog.label.setCurrentText("dr")
+    kwargs = dialog.kwargs()
+    assert kwargs["image_col"] == "image"
+    assert kwargs["mask_cols"] == [(f"{c}_mask", c) for c in ("MA", "HE", "EX", "SE")]
+    assert kwargs["label_col"] == "dr" and kwargs["reference"] is False
+    panel.import_csv(sample_manifest_path(), **kwargs)
+    qtbot.waitUntil(lambda: len(ws.project) == 10, timeout=30_000)
+    qtbot.waitUntil(lambda: ws.cases_panel.table.rowCount() == 10, timeout=5_000)
+    statuses = {ws.project.case(c).status for c in ws.project.case_ids()}
+    assert statuses == {"full", "image label"}
