@@ -212,9 +212,11 @@ def main() -> int:
         wall = time.perf_counter() - t
         res = evaluate(path)
         row = {"run": run, "budget_s": args.budget_s, "wall_s": round(wall, 1),
-               "dice": res.get("dice", {}).get("lesion"), "iou": res.get("iou", {}).get("lesion"),
-               "hd95": res.get("hd95", {}).get("lesion"), "empty_rate": res.get("empty_rate"),
-               "n_holdout": res.get("n_cases"), "time": time.strftime("%Y-%m-%d %H:%M")}
+               "dice": res["per_class"]["lesion"]["dice"], "iou": res["per_class"]["lesion"]["iou"],
+               "hd95": res["per_class"]["lesion"]["hd95"], "empty_rate": res["empty_rate"],
+               "n_lesion_free": res["n_lesion_free"], "n_holdout": res["n_cases"],
+               "presence_auc": (res.get("presence_auc") or {}).get("lesion"),
+               "time": time.strftime("%Y-%m-%d %H:%M")}
         rows.append(row)
         with open(out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lesionseg {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `lesionseg info --json | head`: the reader left; say nothing more, exit quietly.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover
