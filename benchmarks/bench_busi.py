@@ -158,16 +158,16 @@ def _prep(image: np.ndarray, size: int):
     if img.ndim == 3:
         img = img.mean(-1)
     lo, hi = np.percentile(img, (1, 99))
-    img = (img - lo) / max(hi - lo, 1e-6)
+    img = ((img - lo) / max(hi - lo, 1e-6)).astype(np.float32)
     t = torch.from_numpy(img)[None, None]
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
 # ------------------------------------------------------------------------------ ours
-def train_ours(project_path: Path, method: str, budget_s: float) -> dict:
+def train_ours(project_path: Path, method: str, budget_s: float, **overrides) -> dict:
     from training_backend.trainer import TrainConfig, run_training
 
-    cfg = TrainConfig(method=method, budget_s=budget_s, predict=True, model_id=method)
+    cfg = TrainConfig(method=method, budget_s=budget_s, predict=True, model_id=method, **overrides)
     last = None
     for ev in run_training(project_path, cfg):
         name = type(ev).__name__
@@ -191,6 +191,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "busi"))
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--lr", type=float, help="learning rate of our runs (default: the trainer's)")
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
     if not (data / "labels.csv").is_file():
@@ -208,7 +209,7 @@ def main() -> int:
         else:
             method = {"sup100": "supervised", "sup10": "supervised", "mt10": "mean_teacher",
                       "cam": "cam"}[run]
-            train_ours(path, method, args.budget_s)
+            train_ours(path, method, args.budget_s, **({"lr": args.lr} if args.lr else {}))
         wall = time.perf_counter() - t
         res = evaluate(path)
         row = {"run": run, "budget_s": args.budget_s, "wall_s": round(wall, 1),

@@ -637,6 +637,11 @@ class AnnotatePanel(QWidget):
                 box.setChecked(on)
 
     @property
+    def shown_output_id(self) -> str | None:
+        """Id of the model output shown for the current case (None: none shown)."""
+        return None if self._outputs is None else self._outputs.output_id
+
+    @property
     def shown_case(self) -> str | None:
         """Id of the case whose layers are shown and editable (None while loading)."""
         return self._cid

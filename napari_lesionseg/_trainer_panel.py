@@ -44,6 +44,7 @@ REAP_INTERVAL_MS = 200
 REAP_TIMEOUT_S = 30.0
 #: Default method when the labels allow it (masks or scribbles); otherwise the first available.
 PREFERRED_METHOD = "supervised"
+AUTO_BUDGET_S = 15  # seconds of fine-tuning in an automatic retrain
 
 
 class TrainSettings(dict):
@@ -175,9 +176,16 @@ class TrainerPanel(QWidget):
         self._auto_n = QSpinBox()
         self._auto_n.setRange(1, 1000)
         self._auto_n.setValue(5)
+        self._auto_budget = QSpinBox()
+        self._auto_budget.setRange(5, 3600)
+        self._auto_budget.setValue(AUTO_BUDGET_S)
+        self._auto_budget.setSuffix(" s")
+        self._auto_budget.setToolTip("Budget of an automatic retrain: it fine-tunes the latest "
+                                     "model, so a short run refreshes the predictions quickly")
         auto.addWidget(self._auto)
         auto.addWidget(self._auto_n)
-        auto.addWidget(QLabel("newly labelled cases"), 1)
+        auto.addWidget(QLabel("new labels,"))
+        auto.addWidget(self._auto_budget)
         lay.addLayout(auto)
         buttons = QHBoxLayout()
         self._start_btn = QPushButton("Start training")
@@ -299,22 +307,27 @@ class TrainerPanel(QWidget):
         if fine_tune is not None:
             self._continue.setChecked(bool(fine_tune))
 
-    def settings(self) -> TrainSettings:
-        """The configuration the Start button would use."""
-        steps = self._steps.value() or None
-        budget = self._budget.value() or None
+    def settings(self, auto: bool = False) -> TrainSettings:
+        """The configuration the Start button (or, with ``auto``, an automatic retrain: the
+        retrain budget, fine-tuning the latest model) would use."""
+        steps = None if auto else (self._steps.value() or None)
+        budget = self._auto_budget.value() if auto else (self._budget.value() or None)
         cfg = TrainSettings(method=self._method.currentText(), device=self._device.currentText(),
                             image_size=self._image_size.value(), steps=steps, budget_s=budget,
                             predict=True)
         project = self.state.project
-        if self._continue.isChecked() and project is not None:
+        if (auto or self._continue.isChecked()) and project is not None:
             latest = project.latest_model() if hasattr(project, "latest_model") else None
             if latest is not None and latest[1].get("checkpoint"):
                 cfg["init_from"] = latest[1]["checkpoint"]
         return cfg
 
-    def start(self) -> bool:
-        """Start training in a background process; False if it could not start."""
+    def start(self, auto: bool = False) -> bool:
+        """Start training in a background process; False if it could not start.
+
+        Args:
+            auto: an automatic retrain (its own budget, fine-tuning the latest model).
+        """
         project = self.state.project
         if project is None or self.process is not None:
             return False
@@ -325,7 +338,7 @@ class TrainerPanel(QWidget):
         self.state.reload_index()
         from training_backend.process import TrainerProcess
 
-        cfg = self.settings()
+        cfg = self.settings(auto=auto)
         proc = TrainerProcess(project.path, cfg)
         try:
             proc.start()
@@ -457,6 +470,10 @@ class TrainerPanel(QWidget):
                                  "to try again")
             self._finish_run()
 
+    def status_text(self) -> str:
+        """The panel's status and metrics lines, as the user reads them."""
+        return " · ".join(t for t in (self._status.text(), self._metrics.text()) if t)
+
     def _show_metrics(self) -> None:
         text = self._loss_text
         if self._last_dice is not None:
@@ -469,11 +486,14 @@ class TrainerPanel(QWidget):
         if (self._auto.isChecked() and self.process is None and self.state.project is not None
                 and len(self.state.new_labels) >= self._auto_n.value()):
             n = len(self.state.new_labels)
-            if self.start():
+            if self.start(auto=True):
                 show_info(f"Retraining: {n} newly labelled cases")
 
-    def set_auto_retrain(self, enabled: bool, n: int) -> None:
+    def set_auto_retrain(self, enabled: bool, n: int, budget_s: int | None = None) -> None:
+        """Retrain automatically after ``n`` newly labelled cases, for ``budget_s`` seconds."""
         self._auto_n.setValue(n)
+        if budget_s is not None:
+            self._auto_budget.setValue(int(budget_s))
         self._auto.setChecked(enabled)
 
     def _reap(self, proc, deadline: float) -> None:

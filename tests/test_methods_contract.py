@@ -244,3 +244,24 @@ def test_mean_teacher_ema_and_state():
     assert torch.allclose(next(m.teacher.parameters()), 0.99 * w_t + 0.01 * w_s, atol=1e-6)
     m.after_step(step=0, progress=0.0)  # first step: teacher = student
     assert torch.allclose(next(m.teacher.parameters()), w_s)
+
+
+def test_segmentation_losses_per_image_dice_weighs_small_lesions():
+    """Per-image Dice (the default) counts a missed small lesion as much as a found large one;
+    batch Dice hardly notices it. Unlabelled pixels (-1) never count."""
+    from training_backend.losses import segmentation_losses
+
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[0, 4:28, 4:28] = 1             # a large lesion, predicted exactly
+    target[1, 10:12, 10:12] = 1           # a small lesion, missed
+    logits = torch.full((2, 2, 32, 32), -10.0)
+    logits[:, 0] = 10.0                   # background everywhere ...
+    logits[0, 1, 4:28, 4:28], logits[0, 0, 4:28, 4:28] = 10.0, -10.0   # ... but the large lesion
+    _, per_image = segmentation_losses(logits, target)
+    _, batch = segmentation_losses(logits, target, per_image=False)
+    assert per_image.item() == pytest.approx(0.5, abs=0.01)   # mean of 0 (found) and 1 (missed)
+    assert batch.item() < 0.02
+    ignored = target.clone()
+    ignored[1] = -1                       # the second image unlabelled: only the found lesion
+    _, only_found = segmentation_losses(logits, ignored)
+    assert only_found.item() < 0.01

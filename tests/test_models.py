@@ -92,7 +92,7 @@ def test_config_round_trip_and_validation():
     cfg = ModelConfig(base=12, depth=3, dropout=0.2, norm="instance", cam_levels=1, pool_r=0.0)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert ModelConfig.from_dict({}) == ModelConfig() and ModelConfig.from_dict(None) == ModelConfig()
-    assert ModelConfig().channels == [16, 32, 64, 128, 256]
+    assert ModelConfig().channels == [16, 16, 32, 64, 128]
     assert ModelConfig(base=64, depth=5).channels[-1] == 512  # capped
     with pytest.raises(InputError, match="unknown setting"):
         ModelConfig.from_dict({"width": 3})

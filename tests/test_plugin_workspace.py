@@ -328,8 +328,11 @@ def test_auto_retrain_after_n_new_labels(workspace, qtbot, sample_project, monke
     ws = workspace
     ws.open_project(sample_project)
     started = []
-    monkeypatch.setattr(ws.trainer_panel, "start", lambda: started.append(True) or True)
-    ws.trainer_panel.set_auto_retrain(True, 2)
+    assert ws.trainer_panel.settings(auto=True)["budget_s"] == _trainer_panel.AUTO_BUDGET_S
+    monkeypatch.setattr(ws.trainer_panel, "start", lambda auto=False: started.append(auto) or True)
+    ws.trainer_panel.set_auto_retrain(True, 2, budget_s=12)
+    auto_cfg = ws.trainer_panel.settings(auto=True)
+    assert auto_cfg["budget_s"] == 12 and auto_cfg["steps"] is None
     ids = ws.project.case_ids()
     show(ws, qtbot, ids[0])
     ws.annotate_panel.set_image_label("lesion")

@@ -31,6 +31,9 @@ from training_backend.store import IGNORE, CaseRecord, Project, mask_to_target
 #: Fraction of fully annotated cases used for validation (at least 1 when there are ``MIN_FULL_FOR_VAL``).
 VAL_FRACTION = 0.15
 MIN_FULL_FOR_VAL = 4
+#: At most this many validation cases: enough for a progress signal, and every further full
+#: mask is worth more as training data (masks are the scarce resource here).
+MAX_VAL = 20
 #: Robust normalisation percentiles.
 LOW_PCT, HIGH_PCT = 1.0, 99.0
 _GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
@@ -200,7 +203,7 @@ def _stable_rank(cid: str, seed: int) -> str:
 
 
 def select_validation(full_ids: list[str], seed: int = 0, fraction: float = VAL_FRACTION,
-                      minimum_full: int = MIN_FULL_FOR_VAL) -> list[str]:
+                      minimum_full: int = MIN_FULL_FOR_VAL, maximum: int = MAX_VAL) -> list[str]:
     """Deterministic validation subset of the fully annotated cases.
 
     Args:
@@ -208,10 +211,11 @@ def select_validation(full_ids: list[str], seed: int = 0, fraction: float = VAL_
         seed: changes the choice.
         fraction: share of the full cases to hold out.
         minimum_full: no validation below this many full cases.
+        maximum: at most this many validation cases.
     """
     if len(full_ids) < minimum_full:
         return []
-    n = max(1, int(round(fraction * len(full_ids))))
+    n = min(maximum, max(1, int(round(fraction * len(full_ids)))))
     return sorted(sorted(full_ids, key=lambda c: _stable_rank(c, seed))[:n])
 
 

@@ -6,8 +6,9 @@ robust normalisation, the model's channel count), then
 * one deterministic pass on the image and its horizontal flip (flip test-time augmentation): the
   CAMs, presence and image-class probabilities are the mean of the two, and their disagreement
   gives ``tta_var``;
-* ``mc_samples`` MC-dropout passes: their mean is the stored probability map, the mutual
-  information (BALD) between prediction and dropout mask is the stored uncertainty map;
+* ``mc_samples`` MC-dropout passes: the stored probability map is the mean of the deterministic
+  (flip-averaged) and the MC-dropout means; the mutual information (BALD) between prediction and
+  dropout mask is the stored uncertainty map;
 * everything is upsampled to the image's own size, the class map is the argmax with *presence
   gating* (a lesion class whose presence probability is below 0.5 is removed from that image).
 
@@ -204,7 +205,8 @@ def _forward(method: "Method", x: torch.Tensor, dropout: bool, image_size: int):
 
 def predict_image(method: "Method", image: np.ndarray, channels: int, image_size: int,
                   mc_samples: int = 4, device: torch.device | str = "cpu",
-                  working_size: int | None = None, image_classes: Sequence[str] = ()) -> dict:
+                  working_size: int | None = None, image_classes: Sequence[str] = (),
+                  tta: bool = True) -> dict:
     """All outputs of one image (arrays at the image's size, scores, features).
 
     Args:
@@ -216,6 +218,8 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         device: where to compute.
         working_size: side of the working image (default ``image_size``; larger → sliding window).
         image_classes: names of the model's image classes (for ``scores["image_class"]``).
+        tta: average with the horizontally flipped image (and score their disagreement);
+            False = one forward pass, ``tta_var`` 0 (the fastest prediction).
 
     Returns:
         dict with ``pred`` (H, W) uint8, ``prob`` (K+1, H, W) float16, ``cam`` (K, H, W) float16,
@@ -226,23 +230,27 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
     x = preprocess_image(image, channels, size)[None].to(device)  # (1, C, S, S)
     method.eval()
     with torch.no_grad():
-        probs, cams, presence, image_class, features = _forward(
-            method, torch.cat([x, x.flip(-1)]), False, image_size)  # batch of 2: image, flipped
-        p_det, p_flip = probs[0], probs[1].flip(-1)  # (K+1, S, S)
-        cam = 0.5 * (cams[0] + cams[1].flip(-1))  # (K, S, S)
+        batch = torch.cat([x, x.flip(-1)]) if tta else x  # (2 or 1, C, S, S): image, flipped
+        probs, cams, presence, image_class, features = _forward(method, batch, False, image_size)
+        p_det = probs[0]  # (K+1, S, S)
+        p_flip = probs[1].flip(-1) if tta else p_det
+        cam = 0.5 * (cams[0] + cams[1].flip(-1)) if tta else cams[0]  # (K, S, S)
         pres = presence.mean(0)  # (K,)
         img_cls = None if image_class is None else image_class.mean(0)
         feat = features[0]  # (F,)
         n_cls = probs.shape[1]
         log_c = math.log(n_cls)
+        det = 0.5 * (p_det + p_flip)  # (K+1, S, S) deterministic passes (flip TTA)
         if mc_samples >= 2:
             mc = _forward(method, x.expand(mc_samples, -1, -1, -1), True, image_size)[0]  # (T, K+1, S, S)
-            prob = mc.mean(0)  # (K+1, S, S)
-            ent = _entropy(prob, 0)  # (S, S)
-            bald = (ent - _entropy(mc, 1).mean(0)).clamp_min(0) / log_c  # (S, S)
+            mc_mean = mc.mean(0)  # (K+1, S, S)
+            bald = (_entropy(mc_mean, 0) - _entropy(mc, 1).mean(0)).clamp_min(0) / log_c  # (S, S)
+            prob = 0.5 * (det + mc_mean)  # the prediction: deterministic and MC passes alike
         else:
-            prob = p_det
-            ent = _entropy(prob, 0)
+            prob = det
+            bald = None
+        ent = _entropy(prob, 0)  # (S, S)
+        if bald is None:
             bald = torch.zeros_like(ent)
         ent = ent / log_c  # (S, S) in [0, 1]
         unc = bald if mc_samples >= 2 else ent

@@ -12,20 +12,25 @@ import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 from torch import Tensor
 
-_dice = MaskedDiceLoss(include_background=False, softmax=True, batch=True, reduction="none")
+_dice_batch = MaskedDiceLoss(include_background=False, softmax=True, batch=True, reduction="none")
+_dice_image = MaskedDiceLoss(include_background=False, softmax=True, batch=False, reduction="none")
 
 
-def segmentation_losses(seg_logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None] | None:
+def segmentation_losses(seg_logits: Tensor, target: Tensor, per_image: bool = True
+                        ) -> tuple[Tensor, Tensor | None] | None:
     """Partial cross-entropy and masked soft Dice on the labelled pixels.
 
     For a full mask every pixel is labelled, so this is the usual Dice + CE; for a sparse mask
-    (scribbles) only the painted pixels count. Dice is computed over the whole batch (MONAI
-    ``MaskedDiceLoss(batch=True)``) for the lesion classes that occur among the labelled pixels;
-    classes absent from them are pushed down by the cross-entropy alone.
+    (scribbles) only the painted pixels count. Soft Dice (MONAI ``MaskedDiceLoss``) covers the
+    lesion classes that occur among the labelled pixels; classes absent from them are pushed
+    down by the cross-entropy alone. ``per_image`` (the default) averages the Dice of every
+    (image, class) pair where the class occurs -- the quantity the per-case Dice metric
+    measures, so small lesions weigh as much as large ones; otherwise one Dice over the batch.
 
     Args:
         seg_logits: (B, K+1, H, W) logits.
         target: (B, H, W) int64, -1 = ignore.
+        per_image: per-image Dice (True) or batch Dice (False).
 
     Returns:
         ``(ce, dice)`` (``dice`` is ``None`` when no lesion pixel is labelled), or ``None`` when
@@ -39,11 +44,15 @@ def segmentation_losses(seg_logits: Tensor, target: Tensor) -> tuple[Tensor, Ten
     logits, tgt, mask = seg_logits[rows], target[rows], labelled[rows]
     k1 = seg_logits.shape[1]
     onehot = F.one_hot(tgt.clamp_min(0), k1).permute(0, 3, 1, 2).to(logits.dtype)  # (b, K+1, H, W)
-    present = onehot[:, 1:].mul(mask[:, None]).flatten(2).sum((0, 2)) > 0  # (K,)
+    present = onehot[:, 1:].mul(mask[:, None]).flatten(2).sum(2) > 0  # (b, K)
     if not bool(present.any()):
         return ce, None
-    per_class = _dice(logits, onehot, mask[:, None].to(logits.dtype)).reshape(-1)  # (K,)
-    return ce, per_class[present].mean()
+    weights = mask[:, None].to(logits.dtype)  # (b, 1, H, W)
+    if per_image:
+        dice = _dice_image(logits, onehot, weights).reshape(present.shape)  # (b, K)
+        return ce, dice[present].mean()
+    dice = _dice_batch(logits, onehot, weights).reshape(-1)  # (K,)
+    return ce, dice[present.any(0)].mean()
 
 
 def presence_loss(presence_logits: Tensor, presence: Tensor) -> Tensor | None:

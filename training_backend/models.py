@@ -41,7 +41,8 @@ class ModelConfig:
     """Architecture of the networks (saved beside every checkpoint).
 
     Args:
-        base: channels of the first encoder level; level i has ``base * 2**i`` (at most 512).
+        base: channels of the first two encoder levels; level i >= 1 has ``base * 2**(i-1)``
+            (at most 512): with the defaults 16-16-32-64-128, light enough for a CPU.
         depth: number of downsamplings (the bottleneck has stride ``2**depth``).
         dropout: dropout probability (bottleneck, deeper decoder blocks, image-class head).
         norm: ``"batch"`` or ``"instance"``.
@@ -74,7 +75,7 @@ class ModelConfig:
     @property
     def channels(self) -> list[int]:
         """Channels of encoder levels 0..depth."""
-        return [min(self.base * 2**i, _MAX_CHANNELS) for i in range(self.depth + 1)]
+        return [min(self.base * 2 ** max(i - 1, 0), _MAX_CHANNELS) for i in range(self.depth + 1)]
 
     @property
     def multiple(self) -> int:

@@ -629,7 +629,8 @@ class _Run:
             "method": cfg.method, "step": self.step, "time": now_iso(),
             "checkpoint": str(path), "status": "cancelled" if reason == "cancelled" else "finished",
             "metrics": {"val_dice": dice, "per_class": per_class}, "device": str(self.device),
-            "n_train": self.ts.n_train, "n_val": self.ts.n_val, "elapsed_s": round(end_elapsed, 3),
+            "n_train": self.ts.n_train, "n_val": self.ts.n_val,
+            "n_annotations": int(self.ts.labelled.numel()), "elapsed_s": round(end_elapsed, 3),
             "image_size": cfg.image_size, "channels": self.channels, "config": cfg.to_dict(),
         })
         yield Finished(self.model_id, self.step, reason, str(path))

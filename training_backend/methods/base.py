@@ -102,6 +102,7 @@ def gate_prediction(pred: Prediction, threshold: float = 0.5) -> Prediction:
 #: Options every method accepts (``TrainConfig.method_options``), with their defaults.
 COMMON_OPTIONS: dict[str, Any] = {
     "dice_weight": 1.0,  # weight of the soft Dice term
+    "dice_per_image": True,  # Dice per (image, class) as the metric counts it; False: batch Dice
     "presence_weight": 0.5,  # weight of the presence BCE
     "image_class_weight": 0.5,  # weight of the image-class CE
     "negative_background": True,  # maskless negative images -> all-background target
@@ -294,7 +295,9 @@ class Method(nn.Module):
         parts: dict[str, Tensor] = {}
         terms: list[Tensor] = []
         if out.seg_logits is not None and seg_weight > 0:
-            seg = segmentation_losses(out.seg_logits, self.supervised_target(batch) if target is None else target)
+            seg = segmentation_losses(out.seg_logits,
+                                      self.supervised_target(batch) if target is None else target,
+                                      per_image=bool(o["dice_per_image"]))
             if seg is not None:
                 ce, dice = seg
                 parts["ce"] = ce

@@ -1,0 +1,153 @@
+"""Cost of the shared training loop and of inference against bare torch, same model, same run.
+
+    .venv/bin/python benchmarks/bench_overhead.py [--steps 60] [--repeats 3] [--threads N]
+
+Training: time per step of `run_training` (sampling, augmentation, lr schedule, events,
+periodic checkpoints) against a bare forward / loss / backward / AdamW loop over the same
+pre-sampled batches with the same model and loss (the default `supervised` method, 128 px,
+batch 8, on the bundled sample). Wall time between the 5th and the last step; median of
+``--repeats`` alternating runs. Target: ≤ 1.10×.
+
+Inference on a 512×512 RGB image: `inference.predict_image` (preprocessing, heads, gating,
+resize back, numpy) with one pass (``tta=False, mc_samples=1``) against a bare
+``model(x)`` forward on the already-preprocessed tensor. Target: ≤ 1.10×. The default
+prediction (flip TTA + 4 MC-dropout samples, for the uncertainty maps) is reported against
+the same number of bare forwards.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def bench_training(project_path: Path, steps: int, repeats: int, threads: int) -> tuple[float, float]:
+    import torch
+
+    from training_backend.data import build_training_set
+    from training_backend.events import Progress
+    from training_backend.methods import METHODS, create_method
+    from training_backend.models import ModelConfig
+    from training_backend.store import Project
+    from training_backend.trainer import TrainConfig, run_training
+
+    model = ModelConfig()
+    size, bs, warm = 128, 8, 5
+    project = Project.open(project_path)
+    ts = build_training_set(project, size, METHODS["supervised"].supervision)
+    g = torch.Generator().manual_seed(0)
+    batches = [ts.sample(bs, g) for _ in range(steps)]
+
+    def bare() -> float:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        m = create_method("supervised", in_channels=ts.channels, n_classes=len(ts.classes),
+                          n_image_classes=len(ts.image_classes), model=model)
+        opt = torch.optim.AdamW(m.parameters(), 1e-3, weight_decay=1e-4)
+        m.train()
+        t0 = 0.0
+        for i, b in enumerate(batches):
+            if i == warm:
+                t0 = time.perf_counter()
+            loss = m.training_step(b, i, i / steps)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / (steps - warm)
+
+    def loop() -> float:
+        cfg = TrainConfig(method="supervised", steps=steps, batch_size=bs, image_size=size,
+                          model=model, threads=threads, validate_every=10**6, predict=False,
+                          checkpoint_every_s=60.0)
+        t0 = t1 = None
+        for e in run_training(project_path, cfg):
+            if isinstance(e, Progress):
+                if e.step == warm:
+                    t0 = time.perf_counter()
+                if e.step == steps:
+                    t1 = time.perf_counter()
+        return (t1 - t0) / (steps - warm)
+
+    bares, loops = [], []
+    for _ in range(repeats):
+        bares.append(bare())
+        loops.append(loop())
+    return statistics.median(bares), statistics.median(loops)
+
+
+def bench_inference(repeats: int, threads: int) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from training_backend.data import preprocess_image
+    from training_backend.inference import predict_image
+    from training_backend.methods import create_method
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    m = create_method("supervised", in_channels=3, n_classes=4, n_image_classes=3)
+    m.eval()
+    net = m.net  # the U-Net itself
+    x = preprocess_image(image, 3, 512)[None]  # (1, 3, 512, 512)
+
+    def timed(fn, n: int) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def bare(k: int = 1):
+        with torch.no_grad():
+            for _ in range(k):
+                net(x)
+
+    n = max(5, repeats * 3)
+    out = {
+        "bare_1": timed(bare, n),
+        "ours_1": timed(lambda: predict_image(m, image, 3, 512, mc_samples=1, tta=False), n),
+        "bare_6": timed(lambda: bare(6), max(3, repeats)),
+        "ours_default": timed(lambda: predict_image(m, image, 3, 512, mc_samples=4, tta=True),
+                              max(3, repeats)),
+    }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+
+    from training_backend.sample import create_sample_project
+
+    with tempfile.TemporaryDirectory(prefix="lesionseg-bench-") as tmp:
+        project = Path(tmp) / "sample"
+        create_sample_project(project)
+        bare_s, loop_s = bench_training(project, args.steps, args.repeats, args.threads)
+    inf = bench_inference(args.repeats, args.threads)
+    print(f"threads: {args.threads}; training 128 px, batch 8, {args.steps} steps x {args.repeats}")
+    print("| measurement | bare torch | lesionseg | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| training step (s) | {bare_s:.3f} | {loop_s:.3f} | {loop_s / bare_s:.2f}x | <= 1.10x |")
+    print(f"| predict 512x512, one pass (s) | {inf['bare_1']:.3f} | {inf['ours_1']:.3f} | "
+          f"{inf['ours_1'] / inf['bare_1']:.2f}x | <= 1.10x |")
+    print(f"| predict 512x512, flip TTA + 4 MC samples (s) | {inf['bare_6']:.3f} (6 forwards) | "
+          f"{inf['ours_default']:.3f} | {inf['ours_default'] / inf['bare_6']:.2f}x | - |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
