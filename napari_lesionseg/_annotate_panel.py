@@ -284,17 +284,29 @@ class AnnotatePanel(QWidget):
         if new is None or project is None:
             return
         token = self._token
+        self.layers.freeze_annotation()
+        self._set_enabled(False)
         self._header.setText(f"Loading {html.escape(project.case(new).name)} …")
         run_task(load_case, project, new,
-                 on_done=lambda data: self._show_case(token, project, data))
+                 on_done=lambda data: self._show_case(token, project, data),
+                 on_error=lambda exc: self._case_failed(token, project, new, exc))
+
+    def _case_failed(self, token: int, project: Project, cid: str, exc: BaseException) -> None:
+        """A case could not be read: say so, in a notification and in the header."""
+        message = error_message(exc)
+        show_error(message)
+        if token != self._token or project is not self.state.project:
+            return
+        self.layers.clear()
+        self._shape = None
+        self._header.setText(f"<b>Could not open {html.escape(project.case(cid).name)}</b>: "
+                             f"{html.escape(message)}")
 
     def _show_case(self, token: int, project: Project, data: CaseData) -> None:
         if token != self._token or project is not self.state.project:
             return  # the user moved on while this case was loading
         rec = data.record
-        image_layer = self.layers.show_image(data.image, rec.name)
-        image_layer.contrast_limits_range = data.limits[1]
-        image_layer.contrast_limits = data.limits[0]
+        self.layers.show_image(data.image, rec.name, data.limits)
         if data.annotation is not None:
             mask, av = data.annotation
             kind, version = av.kind, av.version
@@ -530,7 +542,11 @@ class AnnotatePanel(QWidget):
         if project is None or cid is None:
             return
         self.save_now()
-        av = project.revert_annotation(cid, author=self.state.user)
+        try:
+            av = project.revert_annotation(cid, author=self.state.user)
+        except Exception as exc:  # noqa: BLE001 - shown to the user; nothing was changed
+            show_error(error_message(exc))
+            return
         if av is None:
             show_info("Nothing to undo: this case has no earlier saved version")
             return

@@ -94,14 +94,22 @@ class CaseLayers:
             self.viewer.layers.remove(name)
 
     # ---- image
-    def show_image(self, image: np.ndarray, case_name: str) -> Image:
-        """Show a case's image ((H, W) grey or (H, W, 3) RGB)."""
+    def show_image(self, image: np.ndarray, case_name: str,
+                   limits: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Image:
+        """Show a case's image ((H, W) grey or (H, W, 3) RGB).
+
+        Args:
+            image: the image.
+            case_name: shown in the layer's metadata.
+            limits: (display limits, slider range) as computed by ``_contrast_limits`` (in a
+                worker, for big images); computed here when not given.
+        """
         rgb = image.ndim == 3 and image.shape[-1] in (3, 4)
         layer = self.get(IMAGE, Image)
         if layer is not None and (layer.rgb != rgb or layer.data.ndim != image.ndim):
             self._remove(IMAGE)
             layer = None
-        limits, full_range = _contrast_limits(image)
+        limits, full_range = limits if limits is not None else _contrast_limits(image)
         if layer is None:
             layer = Image(image, name=IMAGE, rgb=rgb, contrast_limits=limits)
             self._insert(layer)
@@ -120,10 +128,17 @@ class CaseLayers:
             layer = Labels(mask, name=ANNOTATION, colormap=colormap, opacity=0.6)
             self._insert(layer)
         else:
-            layer.data = mask
-            layer.colormap = colormap
-            reset_undo_history(layer)
+            layer.data = mask  # napari clears the undo history with new data: strokes of
+            layer.colormap = colormap  # the previous case can't be undone onto this one
+            layer.editable = True
         return layer
+
+    def freeze_annotation(self) -> None:
+        """Make the annotation layer read-only (while another case loads: strokes there could
+        not be saved to any case)."""
+        layer = self.get(ANNOTATION, Labels)
+        if layer is not None:
+            layer.editable = False
 
     # ---- model outputs
     def show_outputs(self, outputs: Outputs | None, classes: Sequence[str],
@@ -216,18 +231,6 @@ class CaseLayers:
         self.remove_outputs()
         self._remove(ANNOTATION)
         self._remove(IMAGE)
-
-
-def reset_undo_history(layer: Labels) -> None:
-    """Forget a Labels layer's undo history (its strokes belong to the previous case)."""
-    reset = getattr(layer, "_reset_history", None)
-    if callable(reset):
-        reset()
-        return
-    mode = layer.mode  # public fallback: making a layer non-editable clears its history
-    layer.editable = False
-    layer.editable = True
-    layer.mode = mode
 
 
 def _contrast_limits(image: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:

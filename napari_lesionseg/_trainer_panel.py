@@ -216,8 +216,10 @@ class TrainerPanel(QWidget):
     # ------------------------------------------------------------------ methods
     def _on_method_error(self, exc: BaseException) -> None:
         self._methods = []
-        self._status.setText(f"training methods unavailable: {error_message(exc)}")
+        message = f"Training methods unavailable: {error_message(exc)}"
+        show_error(message)
         self._update_methods()
+        self._status.setText(message)  # after _update_methods, which would replace it
 
     def _on_method_table(self, table) -> None:
         self._methods = table
@@ -261,7 +263,13 @@ class TrainerPanel(QWidget):
 
     # ------------------------------------------------------------------ project
     def _on_project(self, project: Project | None) -> None:
-        self.close_process()
+        if self.process is not None:
+            # another project: stop the run gracefully (it checkpoints, registers its model and
+            # exits); the old process is reaped in the background, the window never waits
+            self.process.cancel()
+            self._finish_run(wait=False)
+            show_info("Training stopped because another project was opened; the model so far "
+                      "is saved with its project.")
         self._update_methods()
         self._run_points = []
         self.curve.set_points(self._history_points(project))

@@ -9,8 +9,9 @@ import torch
 
 from training_backend.errors import InputError
 from training_backend.events import Finished
-from training_backend.inference import (check_compatible, gate_labels, iter_predictions, load_model,
+from training_backend.inference import (check_compatible, iter_predictions, load_model,
                                         predict_image, predict_project, resolve_checkpoint)
+from training_backend.methods.base import gate_probs
 from training_backend.models import ModelConfig
 from training_backend.store import Project
 from training_backend.trainer import TrainConfig, train
@@ -69,12 +70,32 @@ def test_predict_image_outputs_and_scores(trained):
     assert rgb["pred"].shape == (40, 56)
 
 
-def test_gate_labels_removes_absent_classes():
-    labels = torch.tensor([[[0, 1, 2], [2, 1, 0]], [[1, 1, 2], [0, 0, 0]]])  # (2, 2, 3)
+def test_gate_probs_moves_absent_classes_to_background():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])[..., None, None].expand(2, 3, 2, 2)
     presence = torch.tensor([[0.9, 0.2], [0.1, 0.8]])
-    gated = gate_labels(labels, presence, 0.5)
-    assert gated[0].tolist() == [[0, 1, 0], [0, 1, 0]] and gated[1].tolist() == [[0, 0, 2], [0, 0, 0]]
-    assert torch.equal(gate_labels(labels, presence, 0.0), labels)
+    gated = gate_probs(probs, presence, 0.5)  # (2, 3, 2, 2)
+    assert torch.allclose(gated.sum(1), torch.ones(2, 2, 2))
+    assert gated[0, :, 0, 0].tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert gated[1, :, 0, 0].tolist() == pytest.approx([0.2, 0.0, 0.8])
+    assert torch.equal(gate_probs(probs, presence, 0.0), probs)
+
+
+def test_prediction_is_gated_once_on_the_pooled_presence(trained):
+    """A lesion-free call by the classifier empties the mask and fades the CAM."""
+    method, _ = load_model(trained[1], "cpu")
+    image = np.random.default_rng(1).integers(0, 255, (40, 56)).astype(np.uint8)
+    method.options["gate_threshold"] = 1.01  # every class below: gated away
+    torch.manual_seed(0)  # the same MC-dropout masks in both predictions
+    gated = predict_image(method, image, 1, 32, mc_samples=2)
+    method.options["gate_threshold"] = 0.0
+    torch.manual_seed(0)
+    open_ = predict_image(method, image, 1, 32, mc_samples=2)
+    assert (gated["pred"] == 0).all() and gated["scores"]["lesion_frac"] == 0.0
+    assert np.allclose(gated["prob"][0], 1.0, atol=1e-3)
+    pres = open_["scores"]["presence"][0]
+    assert float(gated["cam"].max()) <= pres + 1e-2  # CAM weighted by presence
+    assert gated["scores"]["burden_disagreement"] == pytest.approx(
+        open_["scores"]["burden_disagreement"], abs=1e-3)  # measured before gating
 
 
 def test_model_predicts_another_project_with_the_same_classes(trained, tiny_project_factory):

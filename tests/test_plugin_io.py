@@ -89,3 +89,16 @@ def test_package_exports_are_lazy_and_torch_free():
                          cwd=str(Path(__file__).resolve().parent.parent))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "0.1.0"
+
+
+def test_installed_manifest_validates_with_its_imports():
+    """What `npe2 validate napari-lesionseg --imports` checks: the manifest napari finds through
+    the entry point parses, and every command's python_name imports."""
+    from npe2 import PluginManifest
+
+    pm = PluginManifest.from_distribution("napari-lesionseg")
+    assert pm.name == "napari-lesionseg"
+    assert {c.id.split(".")[-1] for c in pm.contributions.commands} == {
+        "get_reader", "write_labels", "make_sample_data", "make_workspace"}
+    pm.validate_imports()  # raises if a python_name does not resolve
+    assert [w.display_name for w in pm.contributions.widgets] == ["Lesion workspace"]

@@ -397,3 +397,38 @@ def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeyp
     qtbot.waitUntil(lambda: ws.cases_panel.table.rowCount() == 10, timeout=5_000)
     statuses = {ws.project.case(c).status for c in ws.project.case_ids()}
     assert statuses == {"full", "image label"}
+
+
+def test_unreadable_case_is_reported_and_nothing_stays_editable(workspace, qtbot, sample_project,
+                                                               monkeypatch):
+    """A case whose image cannot be read: an error notification and header, no editable layer
+    (strokes could not be saved to any case), and the next case opens normally."""
+    ids = Project.open(sample_project).case_ids()
+    p = Project.open(sample_project, mode="r+")
+    third = np.zeros(p.case(ids[2]).shape, np.uint8)
+    third[:20, :20] = 2
+    p.save_annotation(ids[2], third, "full", author="test")
+    ws = workspace
+    ws.open_project(sample_project)
+    layer = show(ws, qtbot, ids[0])
+    layer.paint((5, 5), 1)  # a stroke (in napari's undo history), saved on the switch
+    errors = []
+    monkeypatch.setattr("napari_lesionseg._annotate_panel.show_error", errors.append)
+    read_image = Project.read_image
+
+    def broken(self, cid):
+        if cid == ids[1]:
+            raise OSError("disk read failed")
+        return read_image(self, cid)
+
+    monkeypatch.setattr(Project, "read_image", broken)
+    ws.go_to(ids[1])
+    qtbot.waitUntil(lambda: bool(errors), timeout=10_000)
+    assert "disk read failed" in errors[0]
+    assert "Could not open" in ws.annotate_panel._header.text()
+    assert ANNOTATION not in ws.viewer.layers and ws.annotate_panel.shown_case is None
+    assert Project.open(sample_project).read_annotation(ids[0])[0][5, 5] == 1  # switch saved it
+    layer = show(ws, qtbot, ids[2])
+    assert layer.editable and ws.annotate_panel.shown_case == ids[2]
+    layer.undo()  # the first case's stroke must not be replayed onto this one
+    np.testing.assert_array_equal(np.asarray(layer.data), third)

@@ -105,10 +105,26 @@ def test_augmentation_flips_image_and_target_together():
     target = torch.zeros(64, 8, 8, dtype=torch.int64)
     target[:, 1:3, 0:2] = 1  # a corner blob, flips move it to other corners
     image = (target.float() * 4.0)[:, None].repeat(1, 2, 1, 1)  # (64, 2, 8, 8)
-    aug, tgt = augment_batch(image, target, torch.Generator().manual_seed(1))
+    aug, tgt = augment_batch(image, target, torch.Generator().manual_seed(1), affine=False)
     assert ((aug > 2.0) == (tgt == 1)[:, None]).all()
     assert len({tuple(t.nonzero()[0].tolist()) for t in tgt}) == 4  # all four flip combinations
     assert not torch.equal(aug, image)
+
+
+def test_affine_augmentation_moves_image_and_target_together():
+    from training_backend.data import random_affine
+
+    target = torch.full((16, 32, 32), -1, dtype=torch.int64)  # unlabelled ...
+    target[:, 4:28, 4:28] = 0  # ... around a labelled background square ...
+    target[:, 8:16, 10:20] = 1  # ... holding an off-centre lesion
+    image = (target.float() + 1.0)[:, None]  # (16, 1, 32, 32): 0 unlabelled, 1 bg, 2 lesion
+    aug, tgt = random_affine(image, target, torch.Generator().manual_seed(0))
+    assert set(tgt.unique().tolist()) <= {-1, 0, 1}  # nearest: no new label values
+    agree = (aug[:, 0].round() - 1 == tgt.float()).float().mean()
+    assert agree > 0.97  # the same geometry (bilinear vs nearest differ only on edges)
+    moved = (tgt != target).flatten(1).any(1)
+    assert moved.all()  # every image got its own transform
+    assert len({tuple((t == 1).nonzero().float().mean(0).round().tolist()) for t in tgt}) > 8
 
 
 def test_mixed_grey_and_rgb_follow_the_majority(tiny_project_factory):

@@ -18,6 +18,7 @@ Who trains on what:
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -292,17 +293,25 @@ class TrainingSet:
             yield self.images[idx], self.targets[idx]
 
 
-def augment_batch(image: torch.Tensor, target: torch.Tensor | None, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random horizontal/vertical flips (image and target alike) and intensity gain/offset.
+def augment_batch(image: torch.Tensor, target: torch.Tensor | None, generator: torch.Generator,
+                  affine: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random geometry (image and target alike) and intensity gain/offset.
+
+    Geometry: with ``affine``, a random rotation (±``AFFINE_ROTATE_DEG``), scaling
+    (``AFFINE_SCALE``) and shift (±``AFFINE_SHIFT`` of the side) with reflected borders
+    (bilinear for the image, nearest for the target, so -1 "unlabelled" stays -1); then random
+    horizontal and vertical flips.
 
     Args:
         image: (B, C, S, S) float32.
         target: (B, S, S) int64 or None.
         generator: CPU generator for the random draws.
+        affine: also rotate, scale and shift.
     """
     b = image.shape[0]
     r = torch.rand(b, 4, generator=generator).to(image.device)  # (B, 4)
+    if affine:
+        image, target = random_affine(image, target, generator)
     hflip = (r[:, 0] < 0.5)
     vflip = (r[:, 1] < 0.5)
     gain = (1.0 + (r[:, 2] - 0.5) * 0.2).view(b, 1, 1, 1)
@@ -313,6 +322,38 @@ def augment_batch(image: torch.Tensor, target: torch.Tensor | None, generator: t
     if target is not None:
         target = torch.where(hflip.view(b, 1, 1), target.flip(-1), target)
         target = torch.where(vflip.view(b, 1, 1), target.flip(-2), target)
+    return image, target
+
+
+#: Ranges of the random affine augmentation.
+AFFINE_ROTATE_DEG = 15.0
+AFFINE_SCALE = (0.85, 1.15)
+AFFINE_SHIFT = 0.08
+
+
+def random_affine(image: torch.Tensor, target: torch.Tensor | None, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One random rotation/scale/shift per image, applied to image and target alike.
+
+    Args:
+        image: (B, C, S, S) float32.
+        target: (B, S, S) int64 (-1 unlabelled) or None.
+        generator: CPU generator for the random draws.
+    """
+    b = image.shape[0]
+    r = torch.rand(b, 4, generator=generator)  # (B, 4)
+    angle = (r[:, 0] * 2 - 1) * math.radians(AFFINE_ROTATE_DEG)
+    scale = AFFINE_SCALE[0] + r[:, 1] * (AFFINE_SCALE[1] - AFFINE_SCALE[0])
+    tx, ty = (r[:, 2] * 2 - 1) * 2 * AFFINE_SHIFT, (r[:, 3] * 2 - 1) * 2 * AFFINE_SHIFT  # [-1, 1] coords
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    theta = theta.to(image.device, image.dtype)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)  # (B, S, S, 2)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if target is not None:
+        shifted = (target + 1).to(image.dtype)[:, None]  # (B, 1, S, S), 0 = unlabelled
+        target = F.grid_sample(shifted, grid, mode="nearest", padding_mode="reflection",
+                               align_corners=False)[:, 0].round().long() - 1  # (B, S, S)
     return image, target
 
 

@@ -9,8 +9,10 @@ robust normalisation, the model's channel count), then
 * ``mc_samples`` MC-dropout passes: the stored probability map is the mean of the deterministic
   (flip-averaged) and the MC-dropout means; the mutual information (BALD) between prediction and
   dropout mask is the stored uncertainty map;
-* everything is upsampled to the image's own size, the class map is the argmax with *presence
-  gating* (a lesion class whose presence probability is below 0.5 is removed from that image).
+* *presence gating*, once, on the presence pooled over the passes: a lesion class whose presence
+  probability is below the method's ``gate_threshold`` (0.5) is removed from that image; the
+  stored CAM of class k is its map weighted by the presence probability of k;
+* everything is upsampled to the image's own size; the class map is the argmax.
 
 Optionally the working image can be larger than the training size (``working_size``); the spatial
 maps are then computed with MONAI's sliding-window inference, the image-level heads on the
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 from training_backend.data import preprocess_image
 from training_backend.errors import InputError, ProjectError
+from training_backend.methods.base import gate_probs
 from training_backend.store import Project
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,25 +156,6 @@ def gate_threshold(method: "Method") -> float:
     return float(options.get("gate_threshold", PRESENCE_THRESHOLD))
 
 
-def gate_labels(labels: torch.Tensor, presence: torch.Tensor, threshold: float = PRESENCE_THRESHOLD
-                ) -> torch.Tensor:
-    """Presence gating of a class map: class k becomes background in images whose presence
-    probability of k is below ``threshold`` (0 disables).
-
-    Args:
-        labels: (B, H, W) int64 class map (0 background, k class k).
-        presence: (B, K) presence probabilities.
-        threshold: gating threshold.
-    """
-    if threshold <= 0:
-        return labels
-    k = presence.shape[1]
-    drop = torch.cat([torch.zeros_like(presence[:, :1], dtype=torch.bool),
-                      presence < threshold], 1)  # (B, K+1); background never dropped
-    dropped = torch.gather(drop, 1, labels.clamp(0, k).flatten(1)).view_as(labels)  # (B, H, W)
-    return torch.where(dropped, torch.zeros_like(labels), labels)
-
-
 def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-8))).sum(dim)
 
@@ -183,17 +167,17 @@ def _forward(method: "Method", x: torch.Tensor, dropout: bool, image_size: int):
     features (B, F)).
     """
     if max(x.shape[-2:]) <= image_size:
-        pred = method.predict(x, dropout=dropout)
+        pred = method.predict(x, dropout=dropout, gate=False)
         return pred.probs, pred.cams, pred.presence, pred.image_class, pred.features
     from monai.inferers import sliding_window_inference
 
     small = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                           antialias=True)  # (B, C, S, S) for the image-level heads
-    glob = method.predict(small, dropout=dropout)
+    glob = method.predict(small, dropout=dropout, gate=False)
     k1 = glob.probs.shape[1]
 
     def spatial(t: torch.Tensor) -> torch.Tensor:
-        p = method.predict(t, dropout=dropout)
+        p = method.predict(t, dropout=dropout, gate=False)
         return torch.cat([p.probs, p.cams], 1)  # (b, K+1+K, S, S)
 
     maps = sliding_window_inference(x, roi_size=(image_size, image_size), sw_batch_size=4,
@@ -245,10 +229,15 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
             mc = _forward(method, x.expand(mc_samples, -1, -1, -1), True, image_size)[0]  # (T, K+1, S, S)
             mc_mean = mc.mean(0)  # (K+1, S, S)
             bald = (_entropy(mc_mean, 0) - _entropy(mc, 1).mean(0)).clamp_min(0) / log_c  # (S, S)
-            prob = 0.5 * (det + mc_mean)  # the prediction: deterministic and MC passes alike
+            ungated = 0.5 * (det + mc_mean)  # deterministic and MC passes alike
         else:
-            prob = det
+            ungated = det
             bald = None
+        # gating once, on the presence pooled over the passes (a pass is never gated alone)
+        prob = gate_probs(ungated[None], pres[None], gate_threshold(method))[0]  # (K+1, S, S)
+        # the CAM as shown and ranked: class k's map weighted by its presence probability, so
+        # an image the classifier calls lesion-free has a faint map, not one scaled to 1
+        cam = cam * pres[:, None, None]  # (K, S, S)
         ent = _entropy(prob, 0)  # (S, S)
         if bald is None:
             bald = torch.zeros_like(ent)
@@ -264,10 +253,11 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         inter = (cam_mask * p_lesion).sum()
         union = cam_mask.sum() + p_lesion.sum() - inter
         soft_iou = 1.0 if float(union) < 1e-6 else float(inter / union)
+        seg_presence = float((1.0 - ungated[0]).amax())  # strongest lesion pixel, before gating
 
         # back to the image's size
         prob_full = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        pred_full = gate_labels(prob_full.argmax(0)[None], pres[None], gate_threshold(method))[0]
+        pred_full = prob_full.argmax(0)  # (H, W) gated above
         cam_full = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         unc_full = F.interpolate(unc[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
@@ -283,7 +273,8 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         "bald": float(bald.mean()),
         "tta_var": float(tta_var.mean()),
         "cam_disagreement": 1.0 - soft_iou,
-        "burden_disagreement": abs(max(pres_list, default=0.0) - float(lesion_frac > 0)),
+        # classifier vs segmenter: presence against the ungated segmentation's strongest lesion
+        "burden_disagreement": abs(max(pres_list, default=0.0) - seg_presence),
         "uncertainty_mean": float(unc.mean()),
     }
     return {
@@ -370,5 +361,5 @@ def predict_project(project: Project, method_or_checkpoint, case_ids: Sequence[s
                                                       mc_samples, image_size, device=device, **kw)]
 
 
-__all__ = ["CasePredicted", "LoadedModel", "gate_labels", "gate_threshold", "resolve_checkpoint", "check_compatible", "load_model",
+__all__ = ["CasePredicted", "LoadedModel", "gate_threshold", "resolve_checkpoint", "check_compatible", "load_model",
            "predict_image", "iter_predictions", "predict_project"]

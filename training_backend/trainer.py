@@ -276,8 +276,6 @@ def _validate(method, ts: TrainingSet) -> tuple[float | None, dict[str, float | 
     A class absent from both the references and the predictions of every validation case has no
     Dice (None); the overall Dice is the mean of the classes that have one.
     """
-    from training_backend.inference import gate_labels, gate_threshold
-
     k = len(ts.classes)
     inter = torch.zeros(k, dtype=torch.float64)
     sums = torch.zeros(k, dtype=torch.float64)
@@ -285,8 +283,7 @@ def _validate(method, ts: TrainingSet) -> tuple[float | None, dict[str, float | 
     method.eval()
     with torch.no_grad():
         for images, targets in ts.validation_batches():
-            pred = method.predict(images)
-            labels = gate_labels(pred.probs.argmax(1), pred.presence, gate_threshold(method))  # (B, S, S)
+            labels = method.predict(images).probs.argmax(1)  # (B, S, S), presence-gated
             valid = targets >= 0
             for c in range(1, k + 1):
                 p = (labels == c) & valid

@@ -81,11 +81,26 @@ class Prediction:
     features: Tensor  # (B, F) pooled encoder features
 
 
-def gate_prediction(pred: Prediction, threshold: float = 0.5) -> Prediction:
-    """Remove lesion class k from images whose presence probability for k is below ``threshold``.
+def gate_probs(probs: Tensor, presence: Tensor, threshold: float = 0.5) -> Tensor:
+    """Move the probability of lesion class k to background in images whose presence
+    probability of k is below ``threshold`` (0 = no gating); ``probs`` still sums to 1.
 
-    The removed probability mass goes to background, so ``probs`` still sums to 1 and the
-    argmax of a gated image has no pixel of that class. CAMs, presence and features are kept.
+    Args:
+        probs: (B, K+1, ...) softmax probabilities.
+        presence: (B, K) presence probabilities.
+        threshold: presence probability below which a class is removed.
+    """
+    if threshold <= 0:
+        return probs
+    keep = (presence >= threshold).to(probs.dtype)  # (B, K)
+    lesion = probs[:, 1:] * keep.reshape(keep.shape + (1,) * (probs.ndim - 2))  # (B, K, ...)
+    background = (1.0 - lesion.sum(1, keepdim=True)).clamp(0.0, 1.0)  # (B, 1, ...)
+    return torch.cat([background, lesion], 1)
+
+
+def gate_prediction(pred: Prediction, threshold: float = 0.5) -> Prediction:
+    """`gate_probs` applied to a prediction: the argmax of a gated image has no pixel of a
+    removed class. CAMs, presence and features are kept.
 
     Args:
         pred: a prediction.
@@ -93,10 +108,7 @@ def gate_prediction(pred: Prediction, threshold: float = 0.5) -> Prediction:
     """
     if threshold <= 0:
         return pred
-    keep = (pred.presence >= threshold).to(pred.probs.dtype)[..., None, None]  # (B, K, 1, 1)
-    lesion = pred.probs[:, 1:] * keep  # (B, K, H, W)
-    background = (1.0 - lesion.sum(1, keepdim=True)).clamp(0.0, 1.0)  # (B, 1, H, W)
-    return replace(pred, probs=torch.cat([background, lesion], 1))
+    return replace(pred, probs=gate_probs(pred.probs, pred.presence, threshold))
 
 
 #: Options every method accepts (``TrainConfig.method_options``), with their defaults.
@@ -222,15 +234,17 @@ class Method(nn.Module):
         """Parameters the optimiser updates (default: those with ``requires_grad``)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def predict(self, image: Tensor, dropout: bool = False) -> Prediction:
+    def predict(self, image: Tensor, dropout: bool = False, gate: bool = True) -> Prediction:
         """Predict a batch in eval mode (``dropout=True``: dropout stays on, for MC sampling).
 
         The previous train/eval mode is restored afterwards. Gating (module docstring) is
-        applied with the ``gate_threshold`` option.
+        applied with the ``gate_threshold`` option unless ``gate`` is False (callers that pool
+        several passes gate once, on the pooled presence).
 
         Args:
             image: (B, C, H, W) normalised images, any H, W.
             dropout: keep dropout active (one MC sample per call).
+            gate: apply presence gating to this batch's probabilities.
         """
         was_training = self.training
         self.eval()
@@ -242,7 +256,7 @@ class Method(nn.Module):
                 pred = self.prediction_from_output(out, tuple(image.shape[-2:]))
         finally:
             self.train(was_training)
-        if int(self.presence_seen) > 0:
+        if gate and int(self.presence_seen) > 0:
             pred = gate_prediction(pred, float(self.options["gate_threshold"]))
         return pred
 
