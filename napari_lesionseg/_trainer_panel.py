@@ -468,6 +468,8 @@ class TrainerPanel(QWidget):
             show_info(f"Training {event.model_id} finished ({event.reason}, step {event.step})")
             self._status.setText(f"model {event.model_id} ready")
             self._finish_run()
+            if event.reason != "cancelled":
+                self._maybe_auto_retrain()  # labels saved while it ran may already be enough
         elif isinstance(event, ev.Failed):
             message = event.message or "training failed"
             show_error(message if len(message) < 300 else message[:297] + "...")
@@ -491,6 +493,9 @@ class TrainerPanel(QWidget):
     # ------------------------------------------------------------------ auto-retrain
     def _on_labels_saved(self, _cid: str) -> None:
         self._update_methods()
+        self._maybe_auto_retrain()
+
+    def _maybe_auto_retrain(self) -> None:
         if (self._auto.isChecked() and self.process is None and self.state.project is not None
                 and len(self.state.new_labels) >= self._auto_n.value()):
             n = len(self.state.new_labels)

@@ -341,6 +341,24 @@ def test_auto_retrain_after_n_new_labels(workspace, qtbot, sample_project, monke
     ws.annotate_panel.set_image_label("no lesion")
     assert started == [True]
 
+    class Running:  # a trainer process that is busy, then done
+        def is_alive(self):
+            return False
+
+        def close(self):
+            pass
+
+    from training_backend.events import Finished
+
+    ws.state.new_labels.clear()  # what a real start does
+    ws.trainer_panel.process = Running()
+    for cid in ids[2:4]:  # enough new labels, but a run is going on: no second trainer
+        show(ws, qtbot, cid)
+        ws.annotate_panel.set_image_label("lesion")
+    assert started == [True]
+    ws.trainer_panel.handle_event(Finished("m", 10, "budget", "ckpt"))  # that run ends ...
+    assert started == [True, True]  # ... and the labels saved meanwhile start the next one
+
 
 def test_launch_docks_the_workspace_on_a_project(monkeypatch, qtbot, sample_project, tmp_path):
     import napari
