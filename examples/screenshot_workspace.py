@@ -62,13 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     workspace.go_to(first)
     wait_until(lambda: ann.shown_case == first, 30)
     trainer = workspace.trainer_panel
+    status = 0
     if args.steps > 0:
         wait_until(lambda: bool(trainer.available_methods()), 120)
         trainer.configure(steps=args.steps, image_size=64, budget_s=0)
-        if trainer.start():
-            ok = wait_until(lambda: trainer.process is None, args.timeout)
-            print("training finished" if ok else "training timed out", file=sys.stderr)
-            wait_until(lambda: ann.layers.get("prediction") is not None, 20)
+        if not trainer.start():
+            print("the trainer did not start", file=sys.stderr)
+            status = 1
+        elif not wait_until(lambda: trainer.process is None, args.timeout):
+            print("training timed out", file=sys.stderr)
+            trainer.stop(force=True)
+            status = 1
+        elif not wait_until(lambda: ann.layers.get("prediction") is not None, 20):
+            print("training finished but no prediction layer appeared", file=sys.stderr)
+            status = 1
+        else:
             ann.show_model_layers(cam=True)
     viewer.reset_view()
     wait_until(lambda: False, 1.0)
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.close()
     if tmp is not None:
         tmp.cleanup()
-    return 0
+    return status
 
 
 if __name__ == "__main__":
