@@ -37,6 +37,8 @@ MIN_FULL_FOR_VAL = 4
 MAX_VAL = 20
 #: Robust normalisation percentiles.
 LOW_PCT, HIGH_PCT = 1.0, 99.0
+#: Pixels (at least) that the percentiles are computed from (a strided sample of bigger images).
+PCT_SAMPLE = 131_072
 _GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -85,9 +87,12 @@ def normalise(image: torch.Tensor) -> torch.Tensor:
         image: (C, H, W) float32.
     """
     flat = image.reshape(-1)
-    if flat.numel() > 1_000_000:  # torch.quantile has a size limit; a strided sample is plenty
-        flat = flat[:: flat.numel() // 1_000_000 + 1]
-    lo, hi = torch.quantile(flat, torch.tensor([LOW_PCT / 100, HIGH_PCT / 100], dtype=flat.dtype))
+    if flat.numel() > 2 * PCT_SAMPLE:  # a strided sample is plenty for two percentiles
+        flat = flat[:: flat.numel() // PCT_SAMPLE]
+    # numpy's percentile selects (partition) where torch.quantile sorts: the same values
+    # (linear interpolation), about 4x faster
+    lo_v, hi_v = np.percentile(flat.detach().cpu().numpy(), (LOW_PCT, HIGH_PCT))
+    lo, hi = torch.tensor(lo_v, dtype=flat.dtype), torch.tensor(hi_v, dtype=flat.dtype)
     if float(hi - lo) < 1e-6:
         lo, hi = flat.min(), flat.max()
         if float(hi - lo) < 1e-6:

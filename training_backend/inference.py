@@ -244,10 +244,15 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         ent = ent / log_c  # (S, S) in [0, 1]
         unc = bald if mc_samples >= 2 else ent
         tta_var = (((p_det - p_flip) / 2) ** 2).sum(0)  # (S, S) variance of the two passes
-        # lesion region at working size: predicted lesion + a dilated boundary
-        lesion = (prob.argmax(0) > 0).float()  # (S, S)
-        r = max(1, size // 32)
-        region = F.max_pool2d(lesion[None, None], 2 * r + 1, stride=1, padding=r)[0, 0] > 0
+        # lesion region (a scalar score needs no full resolution: at most 128 px): predicted
+        # lesion + a boundary band of 1/32 of the side, dilated with two 1-D max-pools
+        f = max(1, size // 128)
+        lesion = (prob[1:].amax(0) > prob[0]).float()[None, None]  # (1, 1, S, S) lesion wins
+        lesion = F.max_pool2d(lesion, f) if f > 1 else lesion  # (1, 1, s, s)
+        ent_small = F.avg_pool2d(ent[None, None], f)[0, 0] if f > 1 else ent  # (s, s)
+        r = max(1, size // 32 // f)
+        region = F.max_pool2d(lesion, (1, 2 * r + 1), stride=1, padding=(0, r))
+        region = F.max_pool2d(region, (2 * r + 1, 1), stride=1, padding=(r, 0))[0, 0] > 0
         p_lesion = 1.0 - prob[0]  # (S, S)
         cam_mask = (cam.amax(0) > 0.5).float()  # (S, S)
         inter = (cam_mask * p_lesion).sum()
@@ -256,10 +261,16 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         seg_presence = float((1.0 - ungated[0]).amax())  # strongest lesion pixel, before gating
 
         # back to the image's size
-        prob_full = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        pred_full = prob_full.argmax(0)  # (H, W) gated above
-        cam_full = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        unc_full = F.interpolate(unc[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        def to_image(t: torch.Tensor) -> torch.Tensor:  # (C, S, S) -> (C, H, W)
+            if tuple(t.shape[-2:]) == (h, w):
+                return t
+            return F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+
+        prob_full = to_image(prob)  # (K+1, H, W)
+        pred_full = torch.max(prob_full, 0).indices  # (H, W) argmax (several times faster
+        # than .argmax(0) on CPU for a channel-first map), gated above
+        cam_full = to_image(cam)  # (K, H, W)
+        unc_full = to_image(unc[None])[0]  # (H, W)
 
     lesion_frac = float((pred_full > 0).float().mean())
     pres_list = [float(v) for v in pres.cpu()]
@@ -269,7 +280,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
                         {name: float(p) for name, p in zip(image_classes, img_cls.cpu())}),
         "lesion_frac": lesion_frac,
         "entropy": float(ent.mean()),
-        "entropy_lesion": float(ent[region].mean()) if bool(region.any()) else 0.0,
+        "entropy_lesion": float(ent_small[region].mean()) if bool(region.any()) else 0.0,
         "bald": float(bald.mean()),
         "tta_var": float(tta_var.mean()),
         "cam_disagreement": 1.0 - soft_iou,
