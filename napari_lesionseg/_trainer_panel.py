@@ -9,6 +9,7 @@ read once in a worker thread.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,12 @@ REAP_TIMEOUT_S = 30.0
 #: Default method when the labels allow it (masks or scribbles); otherwise the first available.
 PREFERRED_METHOD = "supervised"
 AUTO_BUDGET_S = 15  # seconds of fine-tuning in an automatic retrain
+
+
+def trainer_threads() -> int:
+    """CPU threads for a trainer started from the window: every core but one, so the viewer
+    (painting, loading cases) keeps a core of its own."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 class TrainSettings(dict):
@@ -322,7 +329,7 @@ class TrainerPanel(QWidget):
         budget = self._auto_budget.value() if auto else (self._budget.value() or None)
         cfg = TrainSettings(method=self._method.currentText(), device=self._device.currentText(),
                             image_size=self._image_size.value(), steps=steps, budget_s=budget,
-                            predict=True)
+                            predict=True, threads=trainer_threads())
         project = self.state.project
         if (auto or self._continue.isChecked()) and project is not None:
             latest = project.latest_model() if hasattr(project, "latest_model") else None
