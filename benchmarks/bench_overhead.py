@@ -101,28 +101,29 @@ def bench_inference(repeats: int, threads: int) -> dict[str, float]:
     net = m.net  # the U-Net itself
     x = preprocess_image(image, 3, 512)[None]  # (1, 3, 512, 512)
 
-    def timed(fn, n: int) -> float:
-        fn()  # warm-up
-        times = []
+    def timed_pair(fa, fb, n: int) -> tuple[float, float]:
+        """Medians of ``n`` alternating timings of ``fa`` and ``fb`` (load on the machine hits
+        both alike)."""
+        fa(), fb()  # warm-up
+        ta, tb = [], []
         for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+            for fn, times in ((fa, ta), (fb, tb)):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        return statistics.median(ta), statistics.median(tb)
 
     def bare(k: int = 1):
         with torch.no_grad():
             for _ in range(k):
                 net(x)
 
-    n = max(5, repeats * 3)
-    out = {
-        "bare_1": timed(bare, n),
-        "ours_1": timed(lambda: predict_image(m, image, 3, 512, mc_samples=1, tta=False), n),
-        "bare_6": timed(lambda: bare(6), max(3, repeats)),
-        "ours_default": timed(lambda: predict_image(m, image, 3, 512, mc_samples=4, tta=True),
-                              max(3, repeats)),
-    }
+    out = {}
+    out["bare_1"], out["ours_1"] = timed_pair(
+        bare, lambda: predict_image(m, image, 3, 512, mc_samples=1, tta=False), max(9, repeats * 5))
+    out["bare_6"], out["ours_default"] = timed_pair(
+        lambda: bare(6), lambda: predict_image(m, image, 3, 512, mc_samples=4, tta=True),
+        max(3, repeats))
     return out
 
 
