@@ -130,14 +130,18 @@ class CaseLayers:
         else:
             layer.data = mask  # napari clears the undo history with new data: strokes of
             layer.colormap = colormap  # the previous case can't be undone onto this one
-            layer.editable = True
+            layer.editable = True  # (napari's data setter may have done so already)
+            if "frozen_mode" in layer.metadata:  # frozen while this case loaded: the user's
+                layer.mode = layer.metadata.pop("frozen_mode")  # tool comes back
         return layer
 
     def freeze_annotation(self) -> None:
         """Make the annotation layer read-only (while another case loads: strokes there could
-        not be saved to any case)."""
+        not be saved to any case). napari switches a read-only layer to pan/zoom; the tool in
+        use (brush, fill, eraser) is restored by the next `show_annotation`."""
         layer = self.get(ANNOTATION, Labels)
-        if layer is not None:
+        if layer is not None and layer.editable:
+            layer.metadata["frozen_mode"] = str(layer.mode)
             layer.editable = False
 
     # ---- model outputs

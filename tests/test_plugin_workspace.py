@@ -448,5 +448,9 @@ def test_unreadable_case_is_reported_and_nothing_stays_editable(workspace, qtbot
     assert Project.open(sample_project).read_annotation(ids[0])[0][5, 5] == 1  # switch saved it
     layer = show(ws, qtbot, ids[2])
     assert layer.editable and ws.annotate_panel.shown_case == ids[2]
+    layer.mode = "fill"  # the user's tool survives a case switch (the layer is frozen meanwhile)
+    layer = show(ws, qtbot, ids[3])
+    assert layer.editable and layer.mode == "fill"
+    layer = show(ws, qtbot, ids[2])
     layer.undo()  # the first case's stroke must not be replayed onto this one
     np.testing.assert_array_equal(np.asarray(layer.data), third)
