@@ -194,6 +194,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, help="learning rate of our runs (default: the trainer's)")
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
+    from training_backend.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer process and the CLI do (bare and ours alike)
     if not (data / "labels.csv").is_file():
         print(f"bench_busi: {data}/labels.csv not found: the shared BUSI set is needed; skipping.")
         return 0

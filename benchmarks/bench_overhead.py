@@ -133,6 +133,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    from training_backend.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer process and the CLI do (bare and ours alike)
 
     from training_backend.sample import create_sample_project
 

@@ -99,3 +99,30 @@ def test_config_round_trip_and_validation():
     for bad in ({"norm": "group"}, {"depth": 0}, {"dropout": 1.0}, {"base": 0}, {"cam_levels": 9}):
         with pytest.raises(InputError):
             ModelConfig(**bad)
+
+
+def test_create_method_uses_channels_last_with_the_same_outputs():
+    from training_backend.methods import create_method
+
+    torch.manual_seed(0)
+    m = create_method("supervised", in_channels=1, n_classes=1, n_image_classes=0, model=TINY).eval()
+    w = m.net.encoder.levels[1].conv1.conv.weight  # (out, in > 1, 3, 3)
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    plain = UNet(1, 1, 0, TINY).eval()
+    plain.load_state_dict(m.net.state_dict())  # copies into torch's default format
+    x = torch.randn(2, 1, 40, 24)
+    with torch.no_grad():
+        assert torch.allclose(m.net(x).seg_logits, plain(x).seg_logits, atol=1e-5)
+
+
+def test_keep_freed_memory_is_idempotent():
+    import sys
+
+    from training_backend.runtime import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() == first
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert first == (platform.libc_ver()[0] == "glibc")

@@ -202,8 +202,10 @@ def _train(args: argparse.Namespace) -> int:
     from training_backend.errors import LesionsegError
     from training_backend.events import Failed, Finished
     from training_backend.models import ModelConfig
+    from training_backend.runtime import keep_freed_memory
     from training_backend.trainer import TrainConfig, run_training
 
+    keep_freed_memory()
     model = ModelConfig() if args.base is None else ModelConfig(base=args.base)
     config = TrainConfig(
         method=args.method, method_options=_parse_options(args.option), model=model,
@@ -233,8 +235,10 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from training_backend.errors import InputError, ProjectError
     from training_backend.inference import iter_predictions, resolve_checkpoint
+    from training_backend.runtime import keep_freed_memory
     from training_backend.store import Project
 
+    keep_freed_memory()
     project = Project.open(args.project, mode="r+")
     ref = args.model
     if ref is None:

@@ -36,8 +36,10 @@ def _child_main(project_path: str, config: dict, resume: bool, events, cancel_ev
     """Entry point of the spawned child: run the loop, put every event on the queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the parent's business
     try:
+        from training_backend.runtime import keep_freed_memory
         from training_backend.trainer import TrainConfig, run_training
 
+        keep_freed_memory()
         cfg = TrainConfig.from_dict(config)
 
         def cancelled() -> bool:
