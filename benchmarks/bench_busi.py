@@ -14,6 +14,7 @@ the share of normal (lesion-free) images whose predicted mask is empty.
 
     .venv/bin/python benchmarks/bench_busi.py [--budget-s 300] [--runs baseline,sup100,...]
                                               [--data ../shared/data/busi] [--out bench_out/busi]
+                                              [--lr LR] [-o NAME=VALUE ...]
 
 It needs ../shared/data/busi (not shipped); without it, it says so and exits 0.
 Results are appended to bench_out/busi/results.jsonl and printed as a Markdown table.
@@ -192,7 +193,10 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--lr", type=float, help="learning rate of our runs (default: the trainer's)")
+    ap.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+                    help="method option for our runs (repeatable), e.g. -o cam_hi=0.35")
     args = ap.parse_args()
+    options = dict(kv.split("=", 1) for kv in args.option)
     data, out = Path(args.data), Path(args.out)
     from training_backend.runtime import keep_freed_memory
 
@@ -212,7 +216,8 @@ def main() -> int:
         else:
             method = {"sup100": "supervised", "sup10": "supervised", "mt10": "mean_teacher",
                       "cam": "cam"}[run]
-            train_ours(path, method, args.budget_s, **({"lr": args.lr} if args.lr else {}))
+            train_ours(path, method, args.budget_s, method_options=options,
+                       **({"lr": args.lr} if args.lr else {}))
         wall = time.perf_counter() - t
         res = evaluate(path)
         row = {"run": run, "budget_s": args.budget_s, "wall_s": round(wall, 1),
@@ -220,6 +225,7 @@ def main() -> int:
                "hd95": res["per_class"]["lesion"]["hd95"], "empty_rate": res["empty_rate"],
                "n_lesion_free": res["n_lesion_free"], "n_holdout": res["n_cases"],
                "presence_auc": (res.get("presence_auc") or {}).get("lesion"),
+               **({"options": options, "lr": args.lr} if run != "baseline" and (options or args.lr) else {}),
                "time": time.strftime("%Y-%m-%d %H:%M")}
         rows.append(row)
         with open(out / "results.jsonl", "a") as fh:

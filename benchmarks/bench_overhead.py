@@ -13,10 +13,17 @@ resize back, numpy) with one pass (``tta=False, mc_samples=1``) against a bare
 ``model(x)`` forward on the already-preprocessed tensor. Target: ≤ 1.10×. The default
 prediction (flip TTA + 4 MC-dropout samples, for the uncertainty maps) is reported against
 the same number of bare forwards.
+
+The models are built by ``create_method``, which puts the convolution weights in channels-last
+memory format; the bare side uses that same model. One more row compares that forward with the
+same weights in torch's default (contiguous) format, i.e. what the change of format gains.
+Like the trainer process and the CLI, the benchmark keeps freed memory (``runtime.py``), for
+the bare side and ours alike.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -118,7 +125,14 @@ def bench_inference(repeats: int, threads: int) -> dict[str, float]:
             for _ in range(k):
                 net(x)
 
+    def plain_forward():
+        with torch.no_grad():
+            plain(x)
+
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)  # torch's default format
+
     out = {}
+    out["plain_1"], out["bare_1b"] = timed_pair(plain_forward, bare, max(9, repeats * 5))
     out["bare_1"], out["ours_1"] = timed_pair(
         bare, lambda: predict_image(m, image, 3, 512, mc_samples=1, tta=False), max(9, repeats * 5))
     out["bare_6"], out["ours_default"] = timed_pair(
@@ -150,6 +164,10 @@ def main() -> int:
     print(f"| training step (s) | {bare_s:.3f} | {loop_s:.3f} | {loop_s / bare_s:.2f}x | <= 1.10x |")
     print(f"| predict 512x512, one pass (s) | {inf['bare_1']:.3f} | {inf['ours_1']:.3f} | "
           f"{inf['ours_1'] / inf['bare_1']:.2f}x | <= 1.10x |")
+    print(f"| bare forward: torch's default memory format vs our channels-last (s) | "
+          f"{inf['plain_1']:.3f} | {inf['bare_1b']:.3f} | {inf['bare_1b'] / inf['plain_1']:.2f}x | - |")
+    print(f"| predict 512x512, one pass, vs the default-format forward (s) | {inf['plain_1']:.3f} | "
+          f"{inf['ours_1']:.3f} | {inf['ours_1'] / inf['plain_1']:.2f}x | - |")
     print(f"| predict 512x512, flip TTA + 4 MC samples (s) | {inf['bare_6']:.3f} (6 forwards) | "
           f"{inf['ours_default']:.3f} | {inf['ours_default'] / inf['bare_6']:.2f}x | - |")
     return 0

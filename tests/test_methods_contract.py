@@ -27,7 +27,8 @@ SIZE = 40
 TINY = ModelConfig(base=8, depth=3, dropout=0.1)
 
 # (method name, options) — every registered method, plus the cam variant with its own classifier
-VARIANTS = [(name, {}) for name in sorted(METHODS)] + [("cam", {"separate_classifier": True})]
+VARIANTS = [(name, {}) for name in sorted(METHODS)] + [("cam", {"separate_classifier": True}),
+                                                       ("mean_teacher", {"cutmix": False, "confidence": 0})]
 # (channels, K, n_image_classes): grey/K=1/no image classes and RGB/K=2/3 image classes
 SETUPS = [(1, 1, 0), (3, 2, 3)]
 
@@ -265,3 +266,67 @@ def test_segmentation_losses_per_image_dice_weighs_small_lesions():
     ignored[1] = -1                       # the second image unlabelled: only the found lesion
     _, only_found = segmentation_losses(logits, ignored)
     assert only_found.item() < 0.01
+
+
+def test_cutmix_boxes_cover_the_asked_share():
+    from training_backend.methods.mean_teacher import cutmix_boxes
+
+    torch.manual_seed(0)
+    boxes = cutmix_boxes(64, (40, 30), (0.25, 0.5))
+    assert boxes.shape == (64, 1, 40, 30) and set(boxes.unique().tolist()) <= {0.0, 1.0}
+    share = boxes.mean((1, 2, 3))
+    assert float(share.min()) > 0.1 and float(share.max()) < 0.65  # rounding and clamping aside
+    # each is one axis-aligned box: its rows and columns with a 1 form a full rectangle
+    for b in boxes[:, 0]:
+        rows, cols = b.any(1).nonzero()[:, 0], b.any(0).nonzero()[:, 0]
+        assert b.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+
+
+def test_confident_ce_ignores_unsure_teacher_pixels():
+    from training_backend.methods.mean_teacher import confident_ce
+
+    teacher = torch.zeros(1, 2, 2, 2)
+    teacher[0, 1] = torch.tensor([[0.95, 0.6], [0.05, 0.4]])  # lesion sure, unsure, bg sure, unsure
+    teacher[0, 0] = 1 - teacher[0, 1]
+    student = torch.zeros(1, 2, 2, 2, requires_grad=True)  # 50/50 everywhere: CE log 2 per pixel
+    loss = confident_ce(student, teacher, 0.9)
+    assert loss.item() == pytest.approx(2 * np.log(2) / 4, rel=1e-5)  # 2 confident pixels of 4
+    loss.backward()
+    g = student.grad[0]
+    assert torch.all(g[:, 0, 1] == 0) and torch.all(g[:, 1, 1] == 0)  # unsure pixels: no gradient
+    assert g[1, 0, 0] < 0 and g[0, 1, 0] < 0  # pushed towards the teacher's class
+
+
+def test_mean_teacher_cutmix_targets_follow_the_box():
+    """With CutMix the student's pseudo-target is the teacher's prediction mixed by the same box:
+    a student already equal to that mix has (near) zero consistency loss."""
+    from training_backend.methods import mean_teacher as mt
+
+    torch.manual_seed(0)
+    m = build("mean_teacher", {"noise": 0.0, "rampup": 0.0}, 1, 1, 0)
+    u = torch.randn(3, 1, SIZE, SIZE)
+    box = mt.cutmix_boxes(3, (SIZE, SIZE), (0.25, 0.5))
+    seen = {}
+
+    def fake_boxes(n, size, area, device=None):
+        return box
+
+    def fake_loss(student_logits, teacher_probs):
+        seen["target"] = teacher_probs
+        return student_logits.sum() * 0
+
+    m._consistency_loss = fake_loss
+    orig = mt.cutmix_boxes
+    mt.cutmix_boxes = fake_boxes
+    try:
+        batch = make_batch(np.random.default_rng(0), 1, 1, 0)
+        batch.unlabelled = u
+        m.train()
+        m.training_step(batch, 0, 0.5)
+    finally:
+        mt.cutmix_boxes = orig
+    m.teacher.eval()
+    with torch.no_grad():
+        t = torch.softmax(m.teacher(u).seg_logits, 1)
+    expected = t * (1 - box) + torch.roll(t, 1, 0) * box
+    assert torch.allclose(seen["target"], expected, atol=1e-5)
