@@ -238,7 +238,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         prob = gate_probs(ungated[None], pres[None], gate_threshold(method))[0]  # (K+1, S, S)
         # the CAM as shown and ranked: class k's map weighted by its presence probability, so
         # an image the classifier calls lesion-free has a faint map, not one scaled to 1
-        cam = cam * pres[:, None, None]  # (K, S, S)
+        cam = cam.mul_(pres[:, None, None])  # (K, S, S)
         ent = _entropy(prob, 0).div_(log_c)  # (S, S) in [0, 1]
         unc = bald if mc_samples >= 2 else ent
         # variance of the two passes
@@ -246,7 +246,10 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         # lesion region (a scalar score needs no full resolution: at most 128 px): predicted
         # lesion + a boundary band of 1/32 of the side, dilated with two 1-D max-pools
         f = max(1, size // 128)
-        lesion = (prob[1:].amax(0) > prob[0]).float()[None, None]  # (1, 1, S, S) lesion wins
+        # argmax (torch.max is several times faster than .argmax(0) on CPU for a channel-first
+        # map); gated above
+        winner = torch.max(prob, 0).indices  # (S, S)
+        lesion = (winner > 0).float()[None, None]  # (1, 1, S, S) lesion wins
         lesion = F.max_pool2d(lesion, f) if f > 1 else lesion  # (1, 1, s, s)
         ent_small = F.avg_pool2d(ent[None, None], f)[0, 0] if f > 1 else ent  # (s, s)
         r = max(1, size // 32 // f)
@@ -266,8 +269,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
             return F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
         prob_full = to_image(prob)  # (K+1, H, W)
-        pred_full = torch.max(prob_full, 0).indices  # (H, W) argmax (several times faster
-        # than .argmax(0) on CPU for a channel-first map), gated above
+        pred_full = winner if prob_full is prob else torch.max(prob_full, 0).indices  # (H, W)
         cam_full = to_image(cam)  # (K, H, W)
         unc_full = to_image(unc[None])[0]  # (H, W)
 
@@ -292,7 +294,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         # float16 in torch: about 10x faster than numpy's astype
         "prob": prob_full.half().cpu().numpy(),
         "cam": cam_full.half().cpu().numpy(),  # in [0, 1]: bilinear of [0, 1] maps
-        "uncertainty": unc_full.clamp_min(0).half().cpu().numpy(),
+        "uncertainty": unc_full.half().cpu().numpy(),  # >= 0: entropy or clamped BALD
         "scores": scores,
         "features": feat.float().cpu().numpy(),
     }

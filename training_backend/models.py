@@ -159,7 +159,7 @@ def cam_to_maps(cam_logits: Tensor, size: tuple[int, int], stride: int) -> Tenso
     cam = F.interpolate(cam, scale_factor=stride, mode="bilinear", align_corners=False)
     cam = cam[..., : size[0], : size[1]]  # (B, K, H, W)
     peak = cam.flatten(2).amax(dim=2).clamp_min(1e-6)[..., None, None]  # (B, K, 1, 1)
-    return (cam / peak).clamp(0.0, 1.0)
+    return cam.div_(peak)  # in [0, 1]: 0 <= v <= peak, and IEEE division is correctly rounded
 
 
 class Encoder(nn.Module):
