@@ -125,11 +125,11 @@ def bench_inference(repeats: int, threads: int) -> dict[str, float]:
             for _ in range(k):
                 net(x)
 
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)  # torch's default format
+
     def plain_forward():
         with torch.no_grad():
             plain(x)
-
-    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)  # torch's default format
 
     out = {}
     out["plain_1"], out["bare_1b"] = timed_pair(plain_forward, bare, max(9, repeats * 5))

@@ -297,7 +297,7 @@ def test_confident_ce_ignores_unsure_teacher_pixels():
     assert g[1, 0, 0] < 0 and g[0, 1, 0] < 0  # pushed towards the teacher's class
 
 
-def test_mean_teacher_cutmix_targets_follow_the_box():
+def test_mean_teacher_cutmix_targets_follow_the_box(monkeypatch):
     """With CutMix the student's pseudo-target is the teacher's prediction mixed by the same box:
     a student already equal to that mix has (near) zero consistency loss."""
     from training_backend.methods import mean_teacher as mt
@@ -308,23 +308,16 @@ def test_mean_teacher_cutmix_targets_follow_the_box():
     box = mt.cutmix_boxes(3, (SIZE, SIZE), (0.25, 0.5))
     seen = {}
 
-    def fake_boxes(n, size, area, device=None):
-        return box
-
     def fake_loss(student_logits, teacher_probs):
         seen["target"] = teacher_probs
         return student_logits.sum() * 0
 
     m._consistency_loss = fake_loss
-    orig = mt.cutmix_boxes
-    mt.cutmix_boxes = fake_boxes
-    try:
-        batch = make_batch(np.random.default_rng(0), 1, 1, 0)
-        batch.unlabelled = u
-        m.train()
-        m.training_step(batch, 0, 0.5)
-    finally:
-        mt.cutmix_boxes = orig
+    monkeypatch.setattr(mt, "cutmix_boxes", lambda n, size, area, device=None: box)
+    batch = make_batch(np.random.default_rng(0), 1, 1, 0)
+    batch.unlabelled = u
+    m.train()
+    m.training_step(batch, 0, 0.5)
     m.teacher.eval()
     with torch.no_grad():
         t = torch.softmax(m.teacher(u).seg_logits, 1)

@@ -9,7 +9,7 @@ sigmoid ramp-up of its weight over the first ``rampup`` fraction of training:
 
 * ``cutmix=True`` (default; the perturbation French et al. 2020 found segmentation needs): the
   teacher predicts each unlabelled image as it is (no dropout); the student sees pairs of them
-  mixed by a random box (each image's box comes from the next image in the batch) plus Gaussian
+  mixed by a random box (each image's box is filled from the previous image in the batch) plus Gaussian
   noise, and must match the teacher's predictions mixed by the same box. Mixing moves lesions
   into new contexts, so the student cannot just copy the teacher's smooth guess.
 * ``cutmix=False``: student and teacher see the same images with independent Gaussian noise and
