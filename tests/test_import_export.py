@@ -229,6 +229,54 @@ def test_reimport_skips_duplicates(project, dataset):
     assert len(project.case_ids()) == 4
 
 
+def test_write_failure_mid_row_leaves_no_half_case_and_reimport_completes(project, dataset, monkeypatch):
+    csv_path, expected = dataset
+    import_csv(project, csv_path, mask_cols=MASK_COLS, label_col="grade")
+    keep = _index_state(project)
+    # a fresh set whose third mask write fails (disk full): the import stops with the error
+    root = csv_path.parent
+    rows = []
+    for i in range(4):
+        Image.fromarray(_image(20 + i)).save(root / "img" / f"new {i}.png")
+        Image.fromarray(_binary(slice(2, 9), slice(3, 12))).save(root / "masks" / f"new {i}.png")
+        rows.append([f"img/new {i}.png", f"masks/new {i}.png", "", "lesion"])
+    fresh = write_csv(root / "fresh.csv", ["image", "MA_mask", "HE_mask", "grade"], rows)
+    real_save, calls = Project.save_annotation, []
+
+    def failing_save(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(self, *a, **kw)
+
+    monkeypatch.setattr(Project, "save_annotation", failing_save)
+    with pytest.raises(OSError):
+        import_csv(project, fresh, mask_cols=MASK_COLS, label_col="grade")
+    monkeypatch.setattr(Project, "save_annotation", real_save)
+    state = _index_state(Project.open(project.path))
+    assert state[: len(keep)] == keep  # earlier work untouched
+    assert [n for (_, n, _, _, _) in state[len(keep):]] == ["new 0", "new 1"]  # whole rows only
+    assert all(n_ann == 1 for (_, _, _, n_ann, _) in state[len(keep):])
+    # running the import again brings in the rest, masks included
+    report = import_csv(project, fresh, mask_cols=MASK_COLS, label_col="grade")
+    assert len(report.imported) == 2 and len(report.duplicates) == 2
+    final = _index_state(Project.open(project.path))
+    assert [n for (_, n, _, _, _) in final[len(keep):]] == ["new 0", "new 1", "new 2", "new 3"]
+    assert all(n_ann == 1 for (_, _, _, n_ann, _) in final[len(keep):])
+
+
+def test_discard_new_case_refuses_annotated_cases(project):
+    from training_backend.errors import ProjectError
+
+    cid = project.add_case(_image(1), "a")
+    other = project.add_case(_image(2), "b")
+    project.save_annotation(other, _binary(slice(1, 4), slice(1, 4), value=1), "full")
+    with pytest.raises(ProjectError, match="annotations"):
+        project.discard_new_case(other)
+    project.discard_new_case(cid)
+    assert Project.open(project.path).case_ids() == [other]
+
+
 def test_import_csv_class_map_column(project, tmp_path):
     Image.fromarray(_image(5)).save(tmp_path / "a.png")
     class_map = np.zeros((H, W), np.uint8)

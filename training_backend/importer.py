@@ -36,6 +36,7 @@ Rules (``import_csv``):
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -46,7 +47,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from training_backend import io
-from training_backend.errors import InputError
+from training_backend.errors import InputError, ProjectError
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -244,16 +245,23 @@ class _Importer:
         source = str(row.image_path.resolve())
         cid = project.add_case(row.image, name, source=source, image_label=visible_label,
                                presence=visible_presence, split=row.split)
+        try:
+            if row.mask is not None and not reference:
+                project.save_annotation(cid, row.mask, "full", author="import",
+                                        source=f"import:{row.mask_source}")
+            if reference or hide_labels:
+                ref_mask = row.mask if reference else None
+                if ref_mask is not None or row.label is not None or row.presence is not None:
+                    project.set_reference(cid, mask=ref_mask, image_label=row.label,
+                                          presence=row.presence)
+        except BaseException:
+            # all of the row or none of it: a case without its mask would be taken for an
+            # already imported duplicate when the import is run again
+            with contextlib.suppress(ProjectError, OSError):  # the first error is the one to tell
+                project.discard_new_case(cid)
+            raise
         self.sources[source] = cid
         self.names.add(name)
-        if row.mask is not None and not reference:
-            project.save_annotation(cid, row.mask, "full", author="import",
-                                    source=f"import:{row.mask_source}")
-        if reference or hide_labels:
-            ref_mask = row.mask if reference else None
-            if ref_mask is not None or row.label is not None or row.presence is not None:
-                project.set_reference(cid, mask=ref_mask, image_label=row.label,
-                                      presence=row.presence)
         return cid
 
 

@@ -602,6 +602,28 @@ class Project:
             index["order"].append(cid)
         return cid
 
+    def discard_new_case(self, cid: str) -> None:
+        """Undo `add_case` of a case nobody has worked on yet (an import row that failed after
+        its image was added): the case leaves the index, its image array goes to the store's
+        temporary folder (removed later). A case with any annotation, reference, image-label
+        change or prediction is refused with `ProjectError`: that is the user's work.
+
+        Args:
+            cid: the case id `add_case` returned.
+        """
+        with self._mutate_index() as index:
+            rec = index["cases"].get(cid)
+            if rec is None:
+                raise ProjectError(f"{self.path}: no case {cid!r}")
+            if rec["annotations"] or rec["reference_key"] or rec["label_history"] or cid in self._outputs.get("cases", {}):
+                raise ProjectError(f"{self.path}: case {cid} has annotations or outputs; not discarded")
+            image = self.zarr_path / rec["image_key"]
+            del index["cases"][cid]
+            index["order"].remove(cid)
+        if image.exists():
+            with contextlib.suppress(OSError):
+                shutil.move(str(image), str(self._tmp_folder()))
+
     def image(self, cid: str) -> zarr.Array:
         """The image as a lazy zarr array ((H, W) or (H, W, 3))."""
         return self._open_array(self.case(cid).image_key)
