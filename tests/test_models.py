@@ -126,3 +126,37 @@ def test_keep_freed_memory_is_idempotent():
         import platform
 
         assert first == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("method_name", ["supervised", "cam", "mean_teacher"])
+def test_inference_copy_folds_batch_norm_same_outputs(method_name):
+    from training_backend.methods import create_method
+
+    torch.manual_seed(0)
+    method = create_method(method_name, in_channels=3, n_classes=2, n_image_classes=3, model=TINY).eval()
+    for m in method.modules():  # running statistics far from the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.3, 3)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    frozen = method.inference_copy()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    # the method itself is untouched: it may go on training
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in method.modules())
+    assert all(torch.equal(before[k], v) for k, v in method.state_dict().items())
+    x = torch.randn(2, 3, 37, 45)
+    a, b = method.predict(x), frozen.predict(x)
+    assert torch.allclose(a.probs, b.probs, atol=1e-5)
+    assert torch.allclose(a.cams, b.cams, atol=1e-4)
+    assert torch.allclose(a.presence, b.presence, atol=1e-5)
+
+
+def test_fold_batch_norm_leaves_instance_norm():
+    from training_backend.models import fold_batch_norm
+
+    net = UNet(1, 1, 0, ModelConfig(base=8, depth=3, norm="instance")).eval()
+    assert fold_batch_norm(net) == 0
+    assert fold_batch_norm(UNet(1, 1, 0, TINY).eval()) == 2 * (TINY.depth + 1 + TINY.depth)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -79,27 +79,57 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(img, channels, axis=0) if channels == 3 else img
 
 
-def normalise(image: torch.Tensor) -> torch.Tensor:
+def percentiles(values: np.ndarray, qs: Sequence[float] = (LOW_PCT, HIGH_PCT)) -> list[float]:
+    """Percentiles of all values, as ``np.percentile`` (linear interpolation) computes them.
+
+    8- and 16-bit images (almost every stored image) get the exact values from a histogram, which
+    needs no sort; other dtypes use a strided sample of ``PCT_SAMPLE`` values when larger.
+
+    Args:
+        values: array of any shape.
+        qs: percentiles in [0, 100].
+    """
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if flat.dtype in (np.uint8, np.uint16) and flat.size:
+        codes = torch.from_numpy(flat if flat.dtype == np.uint8 else flat.astype(np.int32))
+        # torch's bincount: about 2x numpy's, which first casts every value to int64
+        cum = np.cumsum(torch.bincount(codes, minlength=1 << (8 * flat.dtype.itemsize)).numpy())
+        n = int(cum[-1])
+        out = []
+        for q in qs:
+            rank = q / 100.0 * (n - 1)  # position in the sorted values
+            i = int(math.floor(rank))
+            # the sorted value at position i is the first v with more than i values <= v
+            v0 = int(np.searchsorted(cum, i, side="right"))
+            v1 = int(np.searchsorted(cum, min(i + 1, n - 1), side="right"))
+            out.append(v0 + (rank - i) * (v1 - v0))
+        return out
+    if flat.size > 2 * PCT_SAMPLE:  # a strided sample is plenty for two percentiles
+        flat = flat[:: flat.size // PCT_SAMPLE]
+    return [float(v) for v in np.percentile(flat, list(qs))]
+
+
+def normalise(image: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
     """Per-image robust normalisation: percentiles (1, 99) of all channels → [0, 1] (clipped),
     then centred and scaled to about [-2, 2]. A constant image becomes zeros.
 
     Args:
-        image: (C, H, W) float32.
+        image: (C, H, W) tensor, any real dtype (integer images are converted as they are scaled).
+        lo, hi: the percentiles when already known (default: computed from ``image``).
+
+    Returns:
+        (C, H, W) float32, in ``image``'s memory layout.
     """
-    flat = image.reshape(-1)
-    if flat.numel() > 2 * PCT_SAMPLE:  # a strided sample is plenty for two percentiles
-        flat = flat[:: flat.numel() // PCT_SAMPLE]
-    # numpy's percentile selects (partition) where torch.quantile sorts: the same values
-    # (linear interpolation), about 4x faster
-    lo_v, hi_v = np.percentile(flat.detach().cpu().numpy(), (LOW_PCT, HIGH_PCT))
-    lo, hi = torch.tensor(lo_v, dtype=flat.dtype), torch.tensor(hi_v, dtype=flat.dtype)
-    if float(hi - lo) < 1e-6:
-        lo, hi = flat.min(), flat.max()
-        if float(hi - lo) < 1e-6:
-            return torch.zeros_like(image)
-    # ((v - lo) / (hi - lo) clipped to [0, 1] - 0.5) / 0.25, in three passes instead of five
+    if lo is None or hi is None:
+        lo, hi = percentiles(image.detach().cpu().numpy())
+    if hi - lo < 1e-6:
+        lo, hi = float(image.min()), float(image.max())
+        if hi - lo < 1e-6:
+            return torch.zeros(image.shape, dtype=torch.float32)
+    # ((v - lo) / (hi - lo) clipped to [0, 1] - 0.5) / 0.25 in three passes (the first one also
+    # converts integer images to float32)
     scale = 4.0 / (hi - lo)
-    return image.mul(scale).sub_(lo * scale + 2.0).clamp_(-2.0, 2.0)  # (C, H, W)
+    return image.mul(scale).to(torch.float32).sub_(lo * scale + 2.0).clamp_(-2.0, 2.0)
 
 
 def resize_image(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -120,6 +150,11 @@ def resize_image(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
 def preprocess_image(image: np.ndarray, channels: int, size: int | tuple[int, int]) -> torch.Tensor:
     """Stored image → normalised network input.
 
+    The normalisation percentiles are those of the image at its own size (in the model's channel
+    count), so an image is normalised alike whatever size it is resized to. An RGB image keeps
+    its pixel-interleaved layout: the tensor is channels-last in memory, as the network's
+    convolution weights are (no transposing copy here nor in the first convolution).
+
     Args:
         image: (H, W) or (H, W, 3) array as stored.
         channels: 1 or 3 (the model's input channels).
@@ -128,8 +163,25 @@ def preprocess_image(image: np.ndarray, channels: int, size: int | tuple[int, in
     Returns:
         (channels, size, size) float32 tensor.
     """
-    x = torch.from_numpy(to_channels(image, channels))  # (C, H, W)
-    return normalise(resize_image(x, size))
+    img = np.asarray(image)
+    if img.dtype == np.bool_:
+        img = img.view(np.uint8)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 3 and channels == 1:
+        img = to_channels(img, 1)[0]  # (H, W) float32 luma
+    elif img.ndim == 3:
+        img = np.ascontiguousarray(img[..., :3])  # (H, W, 3)
+    lo, hi = percentiles(img)  # of the values as stored: exact and sort-free for 8/16-bit
+    t = torch.from_numpy(img)
+    x = t.permute(2, 0, 1) if img.ndim == 3 else t[None]  # (C, H, W), a view
+    out = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) != out:
+        x = resize_image(x.float(), out)
+    x = normalise(x, lo, hi)
+    if x.shape[0] != channels:  # grey image, RGB model: the same plane three times
+        x = x.expand(channels, -1, -1).contiguous()
+    return x
 
 
 def resize_target(target: np.ndarray, size: int) -> torch.Tensor:

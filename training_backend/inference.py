@@ -157,8 +157,17 @@ def gate_threshold(method: "Method") -> float:
 
 
 def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
-    # entr = -p log p (0 at p = 0) in one pass: about 3x faster than clamp, log, multiply
-    return torch.special.entr(p).sum(dim)
+    # -sum p log p, with 0 log 0 = 0 (the clamp): the vectorised log and in-place passes are
+    # about 2x faster than torch.special.entr (scalar code on this CPU) or xlogy
+    return p.clamp_min(1e-30).log_().mul_(p).sum(dim).neg_()
+
+
+def _argmax_channels(p: torch.Tensor) -> torch.Tensor:
+    """Index of the largest channel of (C, H, W) → (H, W) uint8 (C <= 256)."""
+    if p.shape[0] == 2:  # background and one lesion class: a comparison, 10x faster than max
+        return (p[1] > p[0]).view(torch.uint8)
+    # torch.max is several times faster than .argmax(0) on CPU for a channel-first map
+    return torch.max(p, 0).indices.to(torch.uint8)
 
 
 def _forward(method: "Method", x: torch.Tensor, dropout: bool, image_size: int):
@@ -246,9 +255,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         # lesion region (a scalar score needs no full resolution: at most 128 px): predicted
         # lesion + a boundary band of 1/32 of the side, dilated with two 1-D max-pools
         f = max(1, size // 128)
-        # argmax (torch.max is several times faster than .argmax(0) on CPU for a channel-first
-        # map); gated above
-        winner = torch.max(prob, 0).indices  # (S, S)
+        winner = _argmax_channels(prob)  # (S, S) uint8, of the gated probabilities
         lesion = (winner > 0).float()[None, None]  # (1, 1, S, S) lesion wins
         lesion = F.max_pool2d(lesion, f) if f > 1 else lesion  # (1, 1, s, s)
         ent_small = F.avg_pool2d(ent[None, None], f)[0, 0] if f > 1 else ent  # (s, s)
@@ -269,7 +276,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
             return F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
         prob_full = to_image(prob)  # (K+1, H, W)
-        pred_full = winner if prob_full is prob else torch.max(prob_full, 0).indices  # (H, W)
+        pred_full = winner if prob_full is prob else _argmax_channels(prob_full)  # (H, W)
         cam_full = to_image(cam)  # (K, H, W)
         unc_full = to_image(unc[None])[0]  # (H, W)
 
@@ -290,7 +297,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         "uncertainty_mean": float(unc.mean()),
     }
     return {
-        "pred": pred_full.to(torch.uint8).cpu().numpy(),
+        "pred": pred_full.cpu().numpy(),  # uint8
         # float16 in torch: about 10x faster than numpy's astype
         "prob": prob_full.half().cpu().numpy(),
         "cam": cam_full.half().cpu().numpy(),  # in [0, 1]: bilinear of [0, 1] maps
@@ -342,6 +349,9 @@ def iter_predictions(project: Project, method_or_checkpoint, case_ids: Sequence[
             raise ValueError("image_size, channels and model_id are needed with a method object")
         method.to(device)
     mc_samples = int(mc_samples or 4)
+    # one frozen copy for the whole round: eval mode, batch norms folded (a training method
+    # passed in is left untouched)
+    method = method.inference_copy()
     project.refresh()
     ids = list(project.case_ids() if case_ids is None else case_ids)
     for i, cid in enumerate(ids, 1):
