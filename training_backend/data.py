@@ -105,7 +105,9 @@ def percentiles(values: np.ndarray, qs: Sequence[float] = (LOW_PCT, HIGH_PCT)) -
             out.append(v0 + (rank - i) * (v1 - v0))
         return out
     if flat.size > 2 * PCT_SAMPLE:  # a strided sample is plenty for two percentiles
-        flat = flat[:: flat.size // PCT_SAMPLE]
+        step = flat.size // PCT_SAMPLE
+        step += step % 3 == 0  # never a multiple of 3: pixel-interleaved RGB samples every channel
+        flat = flat[::step]
     return [float(v) for v in np.percentile(flat, list(qs))]
 
 

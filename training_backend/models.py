@@ -164,9 +164,9 @@ def cam_to_maps(cam_logits: Tensor, size: tuple[int, int], stride: int) -> Tenso
 
 @torch.no_grad()
 def fold_batch_norm(module: nn.Module) -> int:
-    """Fold every eval-mode batch norm of the U-Net blocks into the convolution before it, in place.
+    """Fold every batch norm of the U-Net blocks into the convolution before it, in place.
 
-    ``norm(conv(x))`` with running statistics is the affine map ``conv'(x)`` with weight
+    In eval mode ``norm(conv(x))`` uses the running statistics: it is the affine map ``conv'(x)`` with weight
     ``w * g / sqrt(var + eps)`` and bias ``(b - mean) * g / sqrt(var + eps) + beta``; the norm
     becomes an identity. The outputs are the same to float rounding, one pass over every
     activation fewer. Only for inference: a folded module can no longer train its norms. Weights
