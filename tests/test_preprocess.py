@@ -17,6 +17,13 @@ def test_percentiles_match_numpy(dtype, top, shape):
         assert np.allclose(percentiles(values, qs), np.percentile(values, qs), rtol=1e-6, atol=1e-6)
 
 
+def test_sampled_percentiles_see_every_channel_of_interleaved_rgb():
+    # 640 x 640 x 3 float values: a plain stride would be 9, a multiple of 3 (one channel only)
+    img = np.empty((640, 640, 3), np.float32)
+    img[..., 0], img[..., 1], img[..., 2] = 0.0, 10.0, 20.0
+    assert percentiles(img) == [0.0, 20.0]
+
+
 def _reference(img: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(img, (LOW_PCT, HIGH_PCT))
     return (np.clip((img.astype(np.float64) - lo) / (hi - lo), 0, 1) - 0.5) / 0.25

@@ -111,19 +111,17 @@ def percentiles(values: np.ndarray, qs: Sequence[float] = (LOW_PCT, HIGH_PCT)) -
     return [float(v) for v in np.percentile(flat, list(qs))]
 
 
-def normalise(image: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
-    """Per-image robust normalisation: percentiles (1, 99) of all channels → [0, 1] (clipped),
-    then centred and scaled to about [-2, 2]. A constant image becomes zeros.
+def normalise(image: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Per-image robust normalisation: [lo, hi] (the image's percentiles, see `percentiles`)
+    → [0, 1] (clipped), then centred and scaled to about [-2, 2]. A constant image becomes zeros.
 
     Args:
         image: (C, H, W) tensor, any real dtype (integer images are converted as they are scaled).
-        lo, hi: the percentiles when already known (default: computed from ``image``).
+        lo, hi: the image's (LOW_PCT, HIGH_PCT) percentiles.
 
     Returns:
         (C, H, W) float32, in ``image``'s memory layout.
     """
-    if lo is None or hi is None:
-        lo, hi = percentiles(image.detach().cpu().numpy())
     if hi - lo < 1e-6:
         lo, hi = float(image.min()), float(image.max())
         if hi - lo < 1e-6:

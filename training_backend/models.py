@@ -166,8 +166,8 @@ def cam_to_maps(cam_logits: Tensor, size: tuple[int, int], stride: int) -> Tenso
 def fold_batch_norm(module: nn.Module) -> int:
     """Fold every batch norm of the U-Net blocks into the convolution before it, in place.
 
-    In eval mode ``norm(conv(x))`` uses the running statistics: it is the affine map ``conv'(x)`` with weight
-    ``w * g / sqrt(var + eps)`` and bias ``(b - mean) * g / sqrt(var + eps) + beta``; the norm
+    In eval mode ``norm(conv(x))`` uses the running statistics: it is the affine map
+    ``conv'(x)`` with weight ``w * g / sqrt(var + eps)`` and bias ``(b - mean) * g / sqrt(var + eps) + beta``; the norm
     becomes an identity. The outputs are the same to float rounding, one pass over every
     activation fewer. Only for inference: a folded module can no longer train its norms. Weights
     keep their memory format.
@@ -195,10 +195,8 @@ def fold_batch_norm(module: nn.Module) -> int:
             bias = (bias - norm.running_mean) * scale
             if norm.affine:
                 bias = bias + norm.bias
-            fmt = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
-                and not conv.weight.is_contiguous() else torch.contiguous_format
-            conv.weight = nn.Parameter((conv.weight * scale[:, None, None, None]).contiguous(memory_format=fmt),
-                                       requires_grad=False)
+            # an elementwise product keeps the weight's memory format (channels-last here)
+            conv.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
             conv.bias = nn.Parameter(bias, requires_grad=False)
             setattr(block, norm_name, nn.Identity())
             folded += 1
