@@ -114,3 +114,23 @@ def test_model_predicts_another_project_with_the_same_classes(trained, tiny_proj
         predict_project(two, str(ckpt), device="cpu")
     meta = torch.load(ckpt, weights_only=True)["meta"]
     check_compatible(other, meta, ckpt)  # same single class: fine
+
+
+@pytest.mark.parametrize("channels", [2, 3, 5, 9, 17])
+def test_argmax_channels_matches_torch_max_and_breaks_ties_low(channels):
+    """The packed-integer argmax picks what torch.max picks, ties (uniform maps) included."""
+    from training_backend.inference import _argmax_channels
+
+    g = torch.Generator().manual_seed(channels)
+    probs = torch.softmax(3 * torch.randn(1, channels, 24, 40, generator=g), 1)
+    probs[..., :4, :] = 1.0 / channels  # uniform rows: every channel ties
+    probs[..., 4, :] = 0.0
+    probs[..., 4, ::3] = 0.5  # ties between channel 0 and others at value 0.5
+    layouts = [probs[0], probs.contiguous(memory_format=torch.channels_last)[0]]
+    for p in layouts:
+        got = _argmax_channels(p)
+        want = torch.max(p, 0).indices
+        assert got.dtype == torch.uint8 and got.shape == (24, 40)
+        if channels == 2:  # the comparison: a tie between two goes to the background, 0
+            want = (p[1] > p[0]).to(torch.int64)
+        assert torch.equal(got.long(), want), channels

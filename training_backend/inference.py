@@ -163,11 +163,24 @@ def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _argmax_channels(p: torch.Tensor) -> torch.Tensor:
-    """Index of the largest channel of (C, H, W) → (H, W) uint8 (C <= 256)."""
-    if p.shape[0] == 2:  # background and one lesion class: a comparison, 10x faster than max
+    """Index of the largest channel of (C, H, W) non-negative floats → (H, W) uint8 (C <= 256).
+
+    Ties go to the lowest index, as with ``torch.max``.
+    """
+    c = p.shape[0]
+    if c == 2:  # background and one lesion class: a comparison, 10x faster than max
         return (p[1] > p[0]).view(torch.uint8)
-    # torch.max is several times faster than .argmax(0) on CPU for a channel-first map
-    return torch.max(p, 0).indices.to(torch.uint8)
+    if c > 16 or p.dtype != torch.float32:
+        return torch.max(p, 0).indices.to(torch.uint8)
+    # Non-negative float32 values order as their int32 bit patterns. The lowest ``bits``
+    # mantissa bits of each value are replaced by (c - 1 - channel), so one integer amax over
+    # the channels (a vectorised reduction) yields the largest value and, in its low bits, its
+    # channel: about 10x faster than torch.max's indices on CPU. Values closer than a relative
+    # 2**-(23 - bits) (at most 1e-6 here) count as tied.
+    bits = (c - 1).bit_length()
+    code = torch.arange(c - 1, -1, -1, dtype=torch.int32, device=p.device)[:, None, None]
+    packed = torch.bitwise_and(p.view(torch.int32), -(1 << bits)).bitwise_or_(code).amax(0)
+    return (c - 1 - packed.bitwise_and_((1 << bits) - 1)).to(torch.uint8)
 
 
 def _forward(method: "Method", x: torch.Tensor, dropout: bool, image_size: int):
@@ -222,7 +235,8 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
     h, w = int(image.shape[0]), int(image.shape[1])
     size = int(working_size or image_size)
     x = preprocess_image(image, channels, size)[None].to(device)  # (1, C, S, S)
-    method.eval()
+    if method.training:
+        method.eval()
     with torch.no_grad():
         batch = torch.cat([x, x.flip(-1)]) if tta else x  # (2 or 1, C, S, S): image, flipped
         probs, cams, presence, image_class, features = _forward(method, batch, False, image_size)
@@ -256,8 +270,11 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         # lesion + a boundary band of 1/32 of the side, dilated with two 1-D max-pools
         f = max(1, size // 128)
         winner = _argmax_channels(prob)  # (S, S) uint8, of the gated probabilities
-        lesion = (winner > 0).float()[None, None]  # (1, 1, S, S) lesion wins
-        lesion = F.max_pool2d(lesion, f) if f > 1 else lesion  # (1, 1, s, s)
+        if f > 1 and size % f == 0:  # any lesion pixel in each f x f block, on the uint8 map
+            lesion = winner.view(size // f, f, size // f, f).amax((1, 3)).float()[None, None]
+        else:
+            lesion = (winner > 0).float()[None, None]  # (1, 1, S, S) lesion wins
+            lesion = F.max_pool2d(lesion, f) if f > 1 else lesion  # (1, 1, s, s)
         ent_small = F.avg_pool2d(ent[None, None], f)[0, 0] if f > 1 else ent  # (s, s)
         r = max(1, size // 32 // f)
         region = F.max_pool2d(lesion, (1, 2 * r + 1), stride=1, padding=(0, r))
@@ -280,7 +297,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         cam_full = to_image(cam)  # (K, H, W)
         unc_full = to_image(unc[None])[0]  # (H, W)
 
-    lesion_frac = float((pred_full > 0).float().mean())
+    lesion_frac = int(torch.count_nonzero(pred_full)) / pred_full.numel()
     pres_list = [float(v) for v in pres.cpu()]
     scores = {
         "presence": pres_list,

@@ -155,7 +155,8 @@ def cam_to_maps(cam_logits: Tensor, size: tuple[int, int], stride: int) -> Tenso
         size: (H, W) of the network input.
         stride: ``ModelConfig.cam_stride``.
     """
-    cam = F.relu(cam_logits)  # (B, K, h, w)
+    # channel-first: bilinear upsampling of a channels-last map is about 3x slower on CPU
+    cam = F.relu(cam_logits.contiguous())  # (B, K, h, w)
     cam = F.interpolate(cam, scale_factor=stride, mode="bilinear", align_corners=False)
     cam = cam[..., : size[0], : size[1]]  # (B, K, H, W)
     peak = cam.flatten(2).amax(dim=2).clamp_min(1e-6)[..., None, None]  # (B, K, 1, 1)
