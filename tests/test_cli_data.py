@@ -190,3 +190,14 @@ def test_help_texts(verb, words, capsys):
         main([verb, "--help"])
     assert info.value.code == 0
     assert words in capsys.readouterr().out
+
+
+def test_unknown_option_is_reported_with_the_verbs_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--project", str(tmp_path / "p"), "--out", str(tmp_path / "o"),
+              "--what", "predictions"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: lesionseg export" in err and "--source" in err
+    assert err.strip().splitlines()[-1] == "lesionseg export: error: unrecognized arguments: --what predictions"
+    assert not (tmp_path / "o").exists()

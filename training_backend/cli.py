@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "active learning and export (headless); `lesionseg gui` opens napari.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    parser.set_defaults(_verbs=sub.choices)  # verb -> its parser, for errors in the verb's terms
     sub.required = True
     for name in VERB_MODULES:
         importlib.import_module(name).register(sub)
@@ -44,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse would report these with the top-level usage; the verb's own usage and
+        # options are what the user needs to see
+        args._verbs[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except LesionsegError as exc:
