@@ -5,6 +5,7 @@ Each batch mixes full masks, scribbles, image-label-only cases and unlabelled im
 """
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -21,13 +22,16 @@ from training_backend.methods import (
     gate_prediction,
 )
 from training_backend.methods.cam import cam_pseudo_target, superpixel_mean
-from training_backend.models import ModelConfig
+from training_backend.models import ModelConfig, cam_to_maps
 
 SIZE = 40
 TINY = ModelConfig(base=8, depth=3, dropout=0.1)
 
 # (method name, options) — every registered method, plus the cam variant with its own classifier
-VARIANTS = [(name, {}) for name in sorted(METHODS)] + [("cam", {"separate_classifier": True}),
+# and its snapshot as a plain copy at warmup (a separate classifier learns too little in the
+# test's 30 steps for a weight average over the second half of warmup to localise)
+VARIANTS = [(name, {}) for name in sorted(METHODS)] + [("cam", {"separate_classifier": True,
+                                                                "snapshot_ema": 0.0}),
                                                        ("mean_teacher", {"cutmix": False, "confidence": 0})]
 # (channels, K, n_image_classes): grey/K=1/no image classes and RGB/K=2/3 image classes
 SETUPS = [(1, 1, 0), (3, 2, 3)]
@@ -323,3 +327,54 @@ def test_mean_teacher_cutmix_targets_follow_the_box(monkeypatch):
         t = torch.softmax(m.teacher(u).seg_logits, 1)
     expected = t * (1 - box) + torch.roll(t, 1, 0) * box
     assert torch.allclose(seen["target"], expected, atol=1e-5)
+
+
+def test_cam_snapshot_is_taken_at_warmup_and_makes_the_pseudo_masks(tmp_path):
+    """Pseudo-masks come from the classifier frozen at warmup; the snapshot survives a reload."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    m = build("cam", {"warmup": 0.5}, 1, 1, 0)
+    opt = torch.optim.AdamW(m.trainable_parameters(), 1e-2)
+    b = make_batch(rng, 1, 1, 0)
+    m.train()
+    frozen = None
+    for step in range(6):
+        progress = step / 6
+        loss = m.training_step(b, step, progress)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.after_step(step, progress)
+        if step == 2:  # the average starts as a copy, halfway through warmup
+            assert int(m.snapshot_updates) == 1
+            assert all(torch.equal(q, p) for q, p in zip(m.snapshot.parameters(), m.net.parameters()))
+        if progress < 0.5:
+            assert int(m.snapshot_step) == -1
+        elif frozen is None:
+            frozen = copy.deepcopy(m.snapshot.state_dict())
+    assert int(m.snapshot_step) == 4  # the first step with a segmentation weight > 0
+    assert all(torch.equal(v, m.snapshot.state_dict()[k]) for k, v in frozen.items())  # no longer moves
+    assert not any(p.requires_grad for p in m.snapshot.parameters()) and not m.snapshot.training
+    assert all(p is not q for p in m.trainable_parameters() for q in m.snapshot.parameters())
+    live = dict(m.net.named_parameters())
+    assert any(not torch.equal(q, live[n]) for n, q in m.snapshot.named_parameters())  # frozen
+    with torch.no_grad():
+        out = m.net(b.image)
+        target = m.pseudo_target(out, b)
+        m.eval()
+        snap_cams = cam_to_maps(m.snapshot(b.image).cam_logits, (SIZE, SIZE), m.cam_stride)
+    expected = cam_pseudo_target(snap_cams, b.presence, m.options["cam_hi"], m.options["cam_lo"])
+    assert torch.equal(target, expected)
+    # a resumed run (state dict into a fresh method) makes the same pseudo-masks
+    fresh = build("cam", {"warmup": 0.5}, 1, 1, 0)
+    fresh.load_state_dict(m.state_dict())
+    fresh.train()
+    with torch.no_grad():
+        assert int(fresh.snapshot_step) == 4
+        assert torch.equal(fresh.pseudo_target(out, b), expected)
+    # a checkpoint from before the snapshot existed still loads, with no snapshot taken
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith("snapshot")}
+    fresh.load_state_dict(old)
+    assert int(fresh.snapshot_step) == -1
+    with pytest.raises(InputError, match="pseudo_source"):
+        build("cam", {"pseudo_source": "nope"}, 1, 1, 0)
