@@ -252,8 +252,16 @@ def test_user_errors_end_with_one_failed_event(tiny_project_factory, tiny_projec
     events = collect(labels_only.path, tiny_config())
     assert len(events) == 1 and isinstance(events[0], Failed) and events[0].user_error
     assert "supervised" in events[0].message and "full masks" in events[0].message
-    cam = collect(labels_only.path, tiny_config(method="cam", steps=2))
+    cam = collect(labels_only.path, tiny_config(method="cam", steps=4, model_id="cam"))
     assert isinstance(cam[-1], Finished)
+    # fine-tuning a cam model takes a new snapshot of the classifier at its own warmup
+    tuned = collect(labels_only.path, tiny_config(method="cam", steps=4, model_id="cam2", init_from="cam"))
+    assert isinstance(tuned[-1], Finished)
+    first, second = (torch.load(labels_only.path / "models" / m / "latest.pt", weights_only=True)["model"]
+                     for m in ("cam", "cam2"))
+    assert int(first["snapshot_step"]) >= 0 and int(second["snapshot_step"]) >= 0
+    key = next(k for k in first if k.startswith("snapshot.") and k.endswith("weight"))
+    assert not torch.equal(first[key], second[key])
 
     bad = collect(tiny_project.path, tiny_config(method="nope"))
     assert isinstance(bad[-1], Failed) and "nope" in bad[-1].message and "supervised" in bad[-1].message

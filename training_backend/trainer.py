@@ -445,6 +445,7 @@ class _Run:
                 raise InputError(cfg.init_from, "no weights of this checkpoint fit the "
                                                 f"{cfg.method!r} model")
             self.method.load_state_dict(usable, strict=False)
+            self.method.start_new_run()
         self.mdir.mkdir(parents=True, exist_ok=True)
         for stale in self.mdir.glob(".*.tmp-*"):  # left by a run killed while saving
             stale.unlink(missing_ok=True)

@@ -244,6 +244,10 @@ class Method(nn.Module):
             progress: fraction of training done.
         """
 
+    def start_new_run(self) -> None:
+        """Called by the trainer when a run starts from another run's weights (fine-tuning with
+        ``init_from``; not on resume): reset what belongs to one run (default: nothing)."""
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         """Parameters the optimiser updates (default: those with ``requires_grad``)."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -7,13 +7,13 @@
    lesion-free images.
 2. Over the second half of warmup a *snapshot* of the classifier follows it as an exponential
    moving average of its weights (``snapshot_ema``, 0.995 per step; batch-norm statistics
-   copied); at ``warmup``
-   (fraction of training) the snapshot is frozen (the ``pseudo_source="snapshot"`` default).
-   From then on every positive image's pseudo-mask comes from the snapshot's CAM in eval mode (ReLU, upsampled, max-normalised to [0, 1]; optionally
+   copied); at ``warmup`` (fraction of training) the snapshot is frozen (the
+   ``pseudo_source="snapshot"`` default). From then on every positive image's pseudo-mask comes
+   from the snapshot's CAM in eval mode (ReLU, upsampled, max-normalised to [0, 1]; optionally
    averaged within SLIC superpixels): lesion where CAM > ``cam_hi``, background where
    CAM < ``cam_lo``, the band between ignored. Negative images are all background. Images whose
    presence is unknown are ignored. The snapshot is part of the method's state, so a resumed
-   run makes the same pseudo-masks.
+   run makes the same pseudo-masks; a fine-tuning run (``init_from``) takes its own.
 3. The segmentation branch learns from the pseudo-masks with partial CE + masked soft Dice; the
    ignored band is where its decoder (full-resolution skips) places the boundary.
 
@@ -21,8 +21,8 @@ Why a snapshot: with pseudo-masks from the live network (``pseudo_source="live"`
 design) the segmentation loss and the CAM share the encoder, and each pulls the other: on BUSI
 the CAM's highest point then fell inside the lesion in 29-46 % of the holdout lesion images,
 against 68 % for a classifier trained without the segmentation loss, and the pseudo-masks
-followed it off the lesion. The snapshot breaks that loop; the live presence head keeps learning and gives the
-CAMs and presence shown to the user. Why an average: at the learning rate of mid-training the
+followed it off the lesion. The snapshot breaks that loop; the live presence head keeps
+learning and gives the CAMs and presence shown to the user. Why an average: at the learning rate of mid-training the
 classifier's localisation swings from step to step (a copy taken at 40 % of one BUSI run put the
 CAM's highest point inside the lesion in 23 % of the training lesion images, the average in
 another run in 36 %, a classifier trained to the end of its learning-rate schedule in 55 %).
@@ -133,8 +133,8 @@ class CAMMethod(Method):
         self.classifier = None
         if self.options["separate_classifier"]:
             self.classifier = EncoderClassifier(in_channels, n_classes, n_image_classes, self.model_config)
-        # the classifier frozen at warmup (always present, so that checkpoints taken before
-        # and after warmup have the same keys); ``snapshot_step`` is -1 until it is taken
+        # the snapshot exists from the start (so that checkpoints taken before and after
+        # warmup have the same keys); ``snapshot_step`` is -1 until it is frozen
         self.snapshot: nn.Module | None = None
         if self.options["pseudo_source"] == "snapshot":
             self.snapshot = copy.deepcopy(self._cam_module())
@@ -158,6 +158,12 @@ class CAMMethod(Method):
                 for dst, src in zip(self.snapshot.state_dict().values(), self._cam_module().state_dict().values()):
                     dst.copy_(src)
         self.snapshot_step.fill_(int(step))
+
+    def start_new_run(self) -> None:
+        """A fine-tuning run takes its own snapshot at its own warmup (from the classifier as it
+        learns the new labels), not the frozen one of the run it starts from."""
+        self.snapshot_step.fill_(-1)
+        self.snapshot_updates.zero_()
 
     @torch.no_grad()
     def after_step(self, step: int, progress: float) -> None:
