@@ -329,7 +329,7 @@ def test_mean_teacher_cutmix_targets_follow_the_box(monkeypatch):
     assert torch.allclose(seen["target"], expected, atol=1e-5)
 
 
-def test_cam_snapshot_is_taken_at_warmup_and_makes_the_pseudo_masks(tmp_path):
+def test_cam_snapshot_is_taken_at_warmup_and_makes_the_pseudo_masks():
     """Pseudo-masks come from the classifier frozen at warmup; the snapshot survives a reload."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -338,7 +338,7 @@ def test_cam_snapshot_is_taken_at_warmup_and_makes_the_pseudo_masks(tmp_path):
     b = make_batch(rng, 1, 1, 0)
     m.train()
     frozen = None
-    for step in range(6):
+    for step in range(5):
         progress = step / 6
         loss = m.training_step(b, step, progress)["loss"]
         opt.zero_grad()
@@ -357,7 +357,7 @@ def test_cam_snapshot_is_taken_at_warmup_and_makes_the_pseudo_masks(tmp_path):
     assert not any(p.requires_grad for p in m.snapshot.parameters()) and not m.snapshot.training
     assert all(p is not q for p in m.trainable_parameters() for q in m.snapshot.parameters())
     live = dict(m.net.named_parameters())
-    assert any(not torch.equal(q, live[n]) for n, q in m.snapshot.named_parameters())  # frozen
+    assert any(not torch.equal(q, live[n]) for n, q in m.snapshot.named_parameters())  # the net moved on
     with torch.no_grad():
         out = m.net(b.image)
         target = m.pseudo_target(out, b)
@@ -376,5 +376,15 @@ def test_cam_snapshot_is_taken_at_warmup_and_makes_the_pseudo_masks(tmp_path):
     old = {k: v for k, v in m.state_dict().items() if not k.startswith("snapshot")}
     fresh.load_state_dict(old)
     assert int(fresh.snapshot_step) == -1
+    # at snapshot_refresh (0.7) the snapshot becomes, once, a copy of the classifier as it is then
+    m.train()
+    before = {n: q.detach().clone() for n, q in m.net.named_parameters()}
+    m.training_step(b, 5, 0.75)["loss"].backward()
+    assert int(m.snapshot_refreshed) == 5
+    assert all(torch.equal(q, before[n]) for n, q in m.snapshot.named_parameters())
+    opt.step()
+    m.training_step(b, 6, 0.9)
+    assert int(m.snapshot_refreshed) == 5  # once
+    assert all(torch.equal(q, before[n]) for n, q in m.snapshot.named_parameters())
     with pytest.raises(InputError, match="pseudo_source"):
         build("cam", {"pseudo_source": "nope"}, 1, 1, 0)

@@ -12,8 +12,11 @@
    from the snapshot's CAM in eval mode (ReLU, upsampled, max-normalised to [0, 1]; optionally
    averaged within SLIC superpixels): lesion where CAM > ``cam_hi``, background where
    CAM < ``cam_lo``, the band between ignored. Negative images are all background. Images whose
-   presence is unknown are ignored. The snapshot is part of the method's state, so a resumed
-   run makes the same pseudo-masks; a fine-tuning run (``init_from``) takes its own.
+   presence is unknown are ignored. At ``snapshot_refresh`` (0.7 of training) the snapshot is
+   replaced, once, by a copy of the classifier as it is then: trained longer, at a lower
+   learning rate, and on its own CAMs no longer pulled by the segmentation loss. The snapshot is
+   part of the method's state, so a resumed run makes the same pseudo-masks; a fine-tuning run
+   (``init_from``) takes its own.
 3. The segmentation branch learns from the pseudo-masks with partial CE + masked soft Dice; the
    ignored band is where its decoder (full-resolution skips) places the boundary.
 
@@ -123,6 +126,7 @@ class CAMMethod(Method):
         "separate_classifier": False,  # EncoderClassifier beside the U-Net instead of a shared encoder
         "pseudo_source": "snapshot",  # CAMs for pseudo-masks: classifier frozen at warmup, or "live"
         "snapshot_ema": 0.995,  # weight average of the snapshot during warmup (0: a plain copy at warmup)
+        "snapshot_refresh": 0.7,  # progress at which the snapshot is re-copied from the classifier once (0: never)
     }
 
     def __init__(self, in_channels: int, n_classes: int, n_image_classes: int, model=None, **options):
@@ -141,6 +145,7 @@ class CAMMethod(Method):
             self.snapshot.requires_grad_(False)
         self.register_buffer("snapshot_step", torch.full((), -1, dtype=torch.long))
         self.register_buffer("snapshot_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("snapshot_refreshed", torch.zeros((), dtype=torch.long))  # its step, 0 = not yet
 
     def _cam_module(self) -> nn.Module:
         """The network whose CAMs the method shows and learns from (classifier or shared U-Net)."""
@@ -154,16 +159,20 @@ class CAMMethod(Method):
             step: the global step, recorded in ``snapshot_step``.
         """
         if float(self.options["snapshot_ema"]) <= 0:
-            with torch.no_grad():
-                for dst, src in zip(self.snapshot.state_dict().values(), self._cam_module().state_dict().values()):
-                    dst.copy_(src)
+            self._copy_classifier()
         self.snapshot_step.fill_(int(step))
+
+    @torch.no_grad()
+    def _copy_classifier(self) -> None:
+        for dst, src in zip(self.snapshot.state_dict().values(), self._cam_module().state_dict().values()):
+            dst.copy_(src)
 
     def start_new_run(self) -> None:
         """A fine-tuning run takes its own snapshot at its own warmup (from the classifier as it
         learns the new labels), not the frozen one of the run it starts from."""
         self.snapshot_step.fill_(-1)
         self.snapshot_updates.zero_()
+        self.snapshot_refreshed.zero_()
 
     @torch.no_grad()
     def after_step(self, step: int, progress: float) -> None:
@@ -192,6 +201,7 @@ class CAMMethod(Method):
         if "snapshot_step" not in state_dict:
             state_dict["snapshot_step"] = torch.full((), -1, dtype=torch.long)
             state_dict["snapshot_updates"] = torch.zeros((), dtype=torch.long)
+            state_dict["snapshot_refreshed"] = torch.zeros((), dtype=torch.long)
             if self.snapshot is not None:
                 state_dict.update({f"snapshot.{k}": v for k, v in self.snapshot.state_dict().items()})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -243,9 +253,14 @@ class CAMMethod(Method):
     def training_step(self, batch: Batch, step: int, progress: float) -> dict[str, Tensor]:
         out = self._forward(batch.image)
         w = self.seg_weight(progress)
-        if (w > 0 and self.snapshot is not None and int(self.snapshot_step) < 0
-                and self.training and torch.is_grad_enabled()):  # a real training step, not a probe
-            self.take_snapshot(step)
+        if self.snapshot is not None and self.training and torch.is_grad_enabled():  # not a probe
+            if w > 0 and int(self.snapshot_step) < 0:
+                self.take_snapshot(step)
+            refresh = float(self.options["snapshot_refresh"])
+            if (0 < refresh <= progress and int(self.snapshot_step) >= 0
+                    and int(self.snapshot_refreshed) == 0):
+                self._copy_classifier()
+                self.snapshot_refreshed.fill_(max(1, int(step)))
         target = self.pseudo_target(out, batch) if w > 0 else None
         losses = self.supervised_losses(out, batch, target=target, seg_weight=w)
         if target is not None:
