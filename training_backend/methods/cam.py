@@ -164,6 +164,7 @@ class CAMMethod(Method):
 
     @torch.no_grad()
     def _copy_classifier(self) -> None:
+        """Copy the classifier's weights and statistics into the snapshot."""
         for dst, src in zip(self.snapshot.state_dict().values(), self._cam_module().state_dict().values()):
             dst.copy_(src)
 
@@ -198,10 +199,10 @@ class CAMMethod(Method):
         """As ``nn.Module.load_state_dict``; a checkpoint from before the snapshot existed (no
         ``snapshot.*`` keys) loads with a snapshot not yet taken."""
         state_dict = dict(state_dict)
+        state_dict.setdefault("snapshot_refreshed", torch.zeros((), dtype=torch.long))
         if "snapshot_step" not in state_dict:
             state_dict["snapshot_step"] = torch.full((), -1, dtype=torch.long)
             state_dict["snapshot_updates"] = torch.zeros((), dtype=torch.long)
-            state_dict["snapshot_refreshed"] = torch.zeros((), dtype=torch.long)
             if self.snapshot is not None:
                 state_dict.update({f"snapshot.{k}": v for k, v in self.snapshot.state_dict().items()})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
