@@ -605,8 +605,9 @@ class Project:
     def discard_new_case(self, cid: str) -> None:
         """Undo `add_case` of a case nobody has worked on yet (an import row that failed after
         its image was added): the case leaves the index, its image array goes to the store's
-        temporary folder (removed later). A case with any annotation, reference, image-label
-        change or prediction is refused with `ProjectError`: that is the user's work.
+        temporary folder (removed later). A case with any annotation, reference mask,
+        image-label change or prediction is refused with `ProjectError`: that is the user's work
+        (hidden reference labels come from the import itself).
 
         Args:
             cid: the case id `add_case` returned.

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from training_backend.errors import InputError
 from training_backend.methods.base import Batch, Method, Supervision, register
-from training_backend.models import EncoderClassifier, NetOutput, UNet, cam_to_maps, pad_to_multiple
+from training_backend.models import EncoderClassifier, NetOutput, cam_to_maps, pad_to_multiple
 
 
 def cam_pseudo_target(cams: Tensor, presence: Tensor, hi: float, lo: float) -> Tensor:
@@ -98,16 +98,15 @@ def superpixel_mean(maps: Tensor, image: Tensor, n_segments: int) -> Tensor:
 
 
 def _cam_logits(module: nn.Module, image: Tensor) -> Tensor:
-    """CAM logits of a U-Net (encoder and heads only: no decoder pass) or an ``EncoderClassifier``.
+    """CAM logits of a ``UNet`` or an ``EncoderClassifier`` from their encoder and heads (both
+    have them; a U-Net's decoder is not run).
 
     Args:
         module: ``UNet`` or ``EncoderClassifier``.
         image: (B, C, H, W) normalised images.
     """
-    if isinstance(module, UNet):
-        feats = module.encoder(pad_to_multiple(image, module.cfg.multiple))
-        return module.heads(feats, tuple(image.shape[-2:]))[1]
-    return module(image).cam_logits
+    feats = module.encoder(pad_to_multiple(image, module.cfg.multiple))
+    return module.heads(feats, tuple(image.shape[-2:]))[1]
 
 
 @register
