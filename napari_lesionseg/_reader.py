@@ -1,8 +1,12 @@
 """napari reader: a lesionseg project folder, or a single medical/ordinary image file.
 
-* A project folder (or its ``project.json``) opens its first case: the image plus an
+* A project folder (or its ``project.json``) opened in a napari window (File ▸ Open Folder,
+  drag and drop, ``napari PROJECT``) opens in the Lesion workspace: the one already docked, or a
+  new one, which then shows the first suggested case. The reader adds no layer itself (it
+  returns napari's ``[(None,)]``); the workspace manages the case layers.
+  Called with no napari window (a script), it returns the first case: the image plus an
   ``annotation`` Labels layer holding the latest saved mask (empty if none), coloured with the
-  project's class colours. For the full workflow, use the Lesion workspace widget.
+  project's class colours.
 * PNG / JPEG / TIFF / DICOM / NIfTI files and zarr arrays open as one image layer each, read by
   ``training_backend.io.read_image`` (so DICOM rescaling, NIfTI orientation etc. match what a
   project import would store).
@@ -71,7 +75,9 @@ def project_colors(project) -> dict:
 
 
 def read_project(path: str | list[str]) -> list[tuple]:
-    """Open a project's first case: image + ``annotation`` Labels (latest version or empty).
+    """Open a project: in the window's Lesion workspace when there is a napari window
+    (returns ``[(None,)]``), else its first case as layer data (image + ``annotation`` Labels,
+    latest version or empty).
 
     Args:
         path: the project folder (or its ``project.json``).
@@ -82,6 +88,10 @@ def read_project(path: str | list[str]) -> list[tuple]:
     folder = _project_folder(Path(path[0] if isinstance(path, (list, tuple)) else path))
     project = Project.open(folder, mode="r")
     ids = project.case_ids()
+    viewer = _current_window_viewer()
+    if viewer is not None:
+        open_in_workspace(viewer, folder)
+        return [(None,)]
     if not ids:
         raise ProjectError(f"{folder}: the project has no cases yet; import images first")
     rec = project.case(ids[0])
@@ -96,3 +106,46 @@ def read_project(path: str | list[str]) -> list[tuple]:
          {"name": "annotation", "colormap": project_colors(project), "opacity": 0.6,
           "metadata": {**meta, "kind": kind, "classes": project.classes}}, "labels"),
     ]
+
+
+def _current_window_viewer():
+    """The napari viewer with a window that is current, or None (no napari, no window)."""
+    import sys
+
+    if "napari" not in sys.modules:  # a script that never imported napari has no window
+        return None
+    import napari
+
+    viewer = napari.current_viewer()
+    return viewer if viewer is not None and getattr(viewer, "window", None) is not None else None
+
+
+def open_in_workspace(viewer, folder: Path):
+    """Open ``folder`` in the viewer's Lesion workspace (docking one if there is none) and show
+    its first suggested case when no case is shown.
+
+    Args:
+        viewer: a napari viewer with a window.
+        folder: a project folder.
+
+    Returns:
+        The workspace.
+    """
+    from napari_lesionseg._launch import open_workspace
+    from napari_lesionseg._widget import LesionWorkspace
+
+    workspace = next((w for w in viewer.window.dock_widgets.values()
+                      if isinstance(w, LesionWorkspace)), None)
+    if workspace is None:
+        workspace = open_workspace(viewer, folder)
+    else:
+        current = workspace.project
+        if current is None or Path(current.path).resolve() != Path(folder).resolve():
+            workspace.open_project(folder)
+        dock = workspace.parent()
+        if dock is not None:  # bring a tabbed or hidden workspace to the front
+            dock.show()
+            dock.raise_()
+    if workspace.project is not None and workspace.annotate_panel.shown_case is None:
+        workspace.cases_panel.next_case()
+    return workspace

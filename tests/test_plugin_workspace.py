@@ -383,6 +383,27 @@ def test_launch_docks_the_workspace_on_a_project(monkeypatch, qtbot, sample_proj
     assert seen == {"project": sample_project, "cases": 10}
 
 
+def test_opening_a_project_folder_in_napari_opens_the_workspace(make_napari_viewer, qtbot,
+                                                                sample_project, tiny_project):
+    viewer = make_napari_viewer()
+    added = viewer.open(str(sample_project), plugin="napari-lesionseg")
+    assert added == []                        # the reader adds no layer of its own ...
+    [ws] = [w for w in viewer.window.dock_widgets.values() if isinstance(w, LesionWorkspace)]
+    try:
+        assert ws.project.path == sample_project  # ... it docks the workspace on the project
+        qtbot.waitUntil(lambda: ws.annotate_panel.shown_case is not None, timeout=10_000)
+        assert ANNOTATION in [layer.name for layer in viewer.layers]
+        viewer.open(str(tiny_project.path / "project.json"), plugin="napari-lesionseg")
+        assert [w for w in viewer.window.dock_widgets.values()
+                if isinstance(w, LesionWorkspace)] == [ws]    # the same workspace switches
+        assert ws.project.path == tiny_project.path
+        qtbot.waitUntil(lambda: ws.annotate_panel.shown_case in tiny_project.case_ids(),
+                        timeout=10_000)
+    finally:
+        ws.shutdown()
+        qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)
+
+
 def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeypatch):
     from qtpy.QtWidgets import QMessageBox
 
