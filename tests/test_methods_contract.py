@@ -32,7 +32,8 @@ TINY = ModelConfig(base=8, depth=3, dropout=0.1)
 # test's 30 steps for a weight average over the second half of warmup to localise)
 VARIANTS = [(name, {}) for name in sorted(METHODS)] + [("cam", {"separate_classifier": True,
                                                                 "snapshot_ema": 0.0}),
-                                                       ("mean_teacher", {"cutmix": False, "confidence": 0})]
+                                                       ("mean_teacher", {"cutmix": False, "confidence": 0}),
+                                                       ("mean_teacher", {"paste_labelled": True})]
 # (channels, K, n_image_classes): grey/K=1/no image classes and RGB/K=2/3 image classes
 SETUPS = [(1, 1, 0), (3, 2, 3)]
 
@@ -301,6 +302,30 @@ def test_confident_ce_ignores_unsure_teacher_pixels():
     assert g[1, 0, 0] < 0 and g[0, 1, 0] < 0  # pushed towards the teacher's class
 
 
+def test_paste_pairs_mix_annotations_and_teacher_both_ways():
+    from training_backend.methods.mean_teacher import paste_pairs
+
+    box = torch.zeros(2, 1, 6, 6)
+    box[:, :, :3, :3] = 1                                    # the top-left quarter
+    unl, lab = torch.zeros(2, 1, 6, 6), torch.ones(2, 1, 6, 6)
+    teacher = torch.zeros(2, 3, 6, 6)
+    teacher[:, 2] = 1.0                                      # the teacher says class 2 everywhere
+    target = torch.ones(2, 6, 6, dtype=torch.long)           # the annotation says class 1 ...
+    target[:, 0, :] = -1                                     # ... except an unlabelled first row
+    images, probs, valid = paste_pairs(unl, teacher, lab, target, box)
+    inside = box[:, 0] > 0
+    # pair 0: the labelled box pasted into the unlabelled image
+    assert torch.equal(images[0, 0] > 0, inside[0])
+    assert torch.equal(probs[0, 1] > 0, inside[0] & (target[0] >= 0))
+    assert torch.equal(probs[0, 2] > 0, ~inside[0])
+    # pair 1: the unlabelled box pasted into the labelled image
+    assert torch.equal(images[1, 0] > 0, ~inside[1]) and torch.equal(probs[1, 2] > 0, inside[1])
+    assert torch.allclose(probs.sum(1), torch.ones(2, 6, 6))
+    # the annotation's unlabelled pixels are ignored where they were pasted, nowhere else
+    assert not valid[0, 0, :3].any() and valid[0, 0, 3:].all() and valid[0, 1:].all()
+    assert not valid[1, 0, 3:].any() and valid[1, 0, :3].all() and valid[1, 1:].all()
+
+
 def test_mean_teacher_cutmix_targets_follow_the_box(monkeypatch):
     """With CutMix the student's pseudo-target is the teacher's prediction mixed by the same box:
     a student already equal to that mix has (near) zero consistency loss."""
@@ -312,7 +337,7 @@ def test_mean_teacher_cutmix_targets_follow_the_box(monkeypatch):
     box = mt.cutmix_boxes(3, (SIZE, SIZE), (0.25, 0.5))
     seen = {}
 
-    def fake_loss(student_logits, teacher_probs):
+    def fake_loss(student_logits, teacher_probs, valid=None):
         seen["target"] = teacher_probs
         return student_logits.sum() * 0
 

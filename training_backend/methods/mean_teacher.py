@@ -12,6 +12,12 @@ sigmoid ramp-up of its weight over the first ``rampup`` fraction of training:
   mixed by a random box (each image's box is filled from the previous image in the batch) plus Gaussian
   noise, and must match the teacher's predictions mixed by the same box. Mixing moves lesions
   into new contexts, so the student cannot just copy the teacher's smooth guess.
+* ``paste_labelled=True`` (with CutMix; bidirectional copy-paste, after Bai et al. 2023): each
+  unlabelled image is mixed with a labelled image of the batch instead of another unlabelled
+  one, in alternating directions (a labelled box pasted into an unlabelled image, an unlabelled
+  box into a labelled image). The labelled part's target is its annotation (always confident;
+  its unlabelled pixels ignored), the rest the teacher's prediction, so the few annotations
+  also anchor the pseudo-labels they sit next to.
 * ``cutmix=False``: student and teacher see the same images with independent Gaussian noise and
   horizontal flips (flipped back before comparison), the teacher with dropout on; the presence
   probabilities are made consistent too (the original recipe).
@@ -65,20 +71,60 @@ def cutmix_boxes(n: int, size: tuple[int, int], area: tuple[float, float], devic
     return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None].to(device)
 
 
-def confident_ce(student_logits: Tensor, teacher_probs: Tensor, threshold: float) -> Tensor:
+def confident_ce(student_logits: Tensor, teacher_probs: Tensor, threshold: float,
+                 valid: Tensor | None = None) -> Tensor:
     """Cross-entropy towards the teacher's class where its probability is ≥ ``threshold``.
 
     Args:
         student_logits: (B, C, H, W) (gradient flows here).
         teacher_probs: (B, C, H, W) probabilities (constant).
         threshold: minimum teacher probability for a pixel to count.
+        valid: optional (B, H, W) bool; pixels outside it never count.
 
     Returns:
         scalar: the sum over confident pixels divided by the number of all pixels.
     """
     conf, label = teacher_probs.detach().max(1)  # (B, H, W)
     ce = F.cross_entropy(student_logits, label, reduction="none")  # (B, H, W)
-    return (ce * (conf >= threshold).to(ce.dtype)).mean()
+    keep = conf >= threshold
+    if valid is not None:
+        keep = keep & valid
+    return (ce * keep.to(ce.dtype)).mean()
+
+
+def paste_pairs(unlabelled: Tensor, teacher_probs: Tensor, labelled: Tensor, target: Tensor,
+                box: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Bidirectional copy-paste of unlabelled and labelled images (pair i with i).
+
+    Even pairs: the labelled image's box pasted into the unlabelled image; odd pairs: the
+    unlabelled image's box pasted into the labelled one.
+
+    Args:
+        unlabelled: (U, C, S, S) images.
+        teacher_probs: (U, K+1, S, S) the teacher's probabilities for them.
+        labelled: (U, C, S, S) annotated images.
+        target: (U, S, S) their targets (-1 = unlabelled pixel).
+        box: (U, 1, S, S) 0/1 boxes.
+
+    Returns:
+        mixed images (U, C, S, S), mixed target probabilities (U, K+1, S, S) (annotations
+        one-hot) and the valid pixels (U, S, S) (False on the labelled images' -1 pixels).
+    """
+    n_cls = teacher_probs.shape[1]
+    odd = (torch.arange(len(box), device=box.device) % 2 == 1).view(-1, 1, 1, 1)
+    from_labelled = torch.where(odd, 1 - box, box)  # (U, 1, S, S): 1 where the pixel is the labelled image's
+    onehot = F.one_hot(target.clamp(min=0), n_cls).permute(0, 3, 1, 2).to(teacher_probs.dtype)  # (U, K+1, S, S)
+    images = unlabelled * (1 - from_labelled) + labelled * from_labelled
+    probs = teacher_probs * (1 - from_labelled) + onehot * from_labelled
+    valid = ~((from_labelled[:, 0] > 0.5) & (target < 0))  # (U, S, S)
+    return images, probs, valid
+
+
+def _masked_mse(student_logits: Tensor, teacher_probs: Tensor, valid: Tensor | None) -> Tensor:
+    if valid is None:
+        return softmax_mse(student_logits, teacher_probs)
+    sq = (torch.softmax(student_logits, 1) - teacher_probs.detach()).pow(2).mean(1)  # (B, H, W)
+    return (sq * valid.to(sq.dtype)).mean()
 
 
 @register
@@ -96,6 +142,7 @@ class MeanTeacher(Method):
         "noise": 0.1,  # std of the Gaussian input noise (images are normalised)
         "cutmix": True,  # box-mixed student inputs (False: noise + flips, the original recipe)
         "confidence": 0.9,  # teacher probability for a pseudo-label (0: softmax MSE instead)
+        "paste_labelled": False,  # CutMix with labelled images (bidirectional copy-paste)
     }
     #: share of the image a CutMix box covers (min, max)
     CUTMIX_AREA = (0.25, 0.5)
@@ -110,41 +157,52 @@ class MeanTeacher(Method):
     def predict_forward(self, image: Tensor) -> NetOutput:
         return self.teacher(image)
 
-    def _consistency_loss(self, student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+    def _consistency_loss(self, student_logits: Tensor, teacher_probs: Tensor,
+                          valid: Tensor | None = None) -> Tensor:
         threshold = float(self.options["confidence"])
         if threshold > 0:
-            return confident_ce(student_logits, teacher_probs, threshold)
-        return softmax_mse(student_logits, teacher_probs)
+            return confident_ce(student_logits, teacher_probs, threshold, valid)
+        return _masked_mse(student_logits, teacher_probs, valid)
 
     def training_step(self, batch: Batch, step: int, progress: float) -> dict[str, Tensor]:
         o = self.options
         n = len(batch)
         u = batch.unlabelled if batch.unlabelled is not None and len(batch.unlabelled) > 0 else batch.image  # (U, C, S, S)
+        paste = bool(o["cutmix"] and o["paste_labelled"] and batch.unlabelled is not None
+                     and len(u) <= n)
+        valid = None
         if o["cutmix"]:
             box = cutmix_boxes(len(u), tuple(u.shape[-2:]), self.CUTMIX_AREA, u.device)  # (U, 1, S, S)
-            other = torch.roll(u, 1, 0)  # each image's box is filled from the previous one
-            x_s = u * (1 - box) + other * box + o["noise"] * torch.randn_like(u)
             flip_s = flip_t = False
             x_t = u
+            if paste:
+                x_s = None  # after the teacher's pass (the targets need its probabilities)
+            else:
+                other = torch.roll(u, 1, 0)  # each image's box is filled from the previous one
+                x_s = u * (1 - box) + other * box + o["noise"] * torch.randn_like(u)
         else:
             flip_s, flip_t = bool(torch.rand(()) < 0.5), bool(torch.rand(()) < 0.5)
             x_s = _flip(u + o["noise"] * torch.randn_like(u), flip_s)
             x_t = _flip(u + o["noise"] * torch.randn_like(u), flip_t)
-
-        # one student pass over labelled + perturbed unlabelled images
-        out = self.net(torch.cat([batch.image, x_s], 0))
-        labelled = NetOutput(*(None if t is None else t[:n] for t in out))
-        losses = self.supervised_losses(labelled, batch)
 
         with torch.no_grad():
             # CutMix: the teacher's clean prediction; otherwise dropout on, as in the original
             self.teacher.train(self.training and not o["cutmix"])
             t = self.teacher(x_t)
             t_probs = torch.softmax(_flip(t.seg_logits, flip_t), 1)  # (U, K+1, S, S)
-            if o["cutmix"]:
+            if paste:
+                x_s, t_probs, valid = paste_pairs(u, t_probs, batch.image[:len(u)],
+                                                  batch.target[:len(u)], box)
+                x_s = x_s + o["noise"] * torch.randn_like(u)
+            elif o["cutmix"]:
                 t_probs = t_probs * (1 - box) + torch.roll(t_probs, 1, 0) * box
+
+        # one student pass over labelled + perturbed unlabelled images
+        out = self.net(torch.cat([batch.image, x_s], 0))
+        labelled = NetOutput(*(None if v is None else v[:n] for v in out))
+        losses = self.supervised_losses(labelled, batch)
         s_logits = _flip(out.seg_logits[n:], flip_s)  # (U, K+1, S, S)
-        consistency = self._consistency_loss(s_logits, t_probs)
+        consistency = self._consistency_loss(s_logits, t_probs, valid)
         if not o["cutmix"]:  # a mixed image's presence is not the teacher's
             consistency = consistency + F.mse_loss(torch.sigmoid(out.presence_logits[n:]),
                                                    torch.sigmoid(t.presence_logits))
