@@ -56,6 +56,18 @@ def probe(path: Path, open_it: bool) -> dict:
     return json.loads(out.stdout)
 
 
+def build_project(path: Path, cases: int) -> None:
+    """A project of ``cases`` small (64x64) images with image labels, unless ``path`` is one."""
+    if Project.is_project(path):
+        return
+    p = Project.create(path, ["lesion"], ["normal", "benign", "malignant"])
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+    with p.batch(flush_every_s=30):
+        for i in range(cases):
+            p.add_case(img, f"case ({i})", image_label=("normal", "benign", "malignant")[i % 3])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=10_000)
@@ -63,13 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp()) / "big"
     t = time.perf_counter()
-    if not Project.is_project(tmp):
-        p = Project.create(tmp, ["lesion"], ["normal", "benign", "malignant"])
-        rng = np.random.default_rng(0)
-        img = rng.integers(0, 255, (64, 64), dtype=np.uint8)
-        with p.batch(flush_every_s=30):
-            for i in range(args.cases):
-                p.add_case(img, f"case ({i})", image_label=("normal", "benign", "malignant")[i % 3])
+    build_project(tmp, args.cases)
     build_s = time.perf_counter() - t
     base = min((probe(tmp, False) for _ in range(3)), key=lambda r: r["import_s"])
     runs = [probe(tmp, True) for _ in range(3)]

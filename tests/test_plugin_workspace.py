@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from napari.layers import Image, Labels
 from napari.utils.key_bindings import coerce_keybinding
+from qtpy.QtCore import Qt
 
 from napari_lesionseg import _trainer_panel
 from napari_lesionseg._layers import ANNOTATION, PREDICTION, UNCERTAINTY, cam_layer_name
@@ -110,7 +111,7 @@ def test_label_paint_switch_and_reopen(workspace, qtbot, sample_project):
     layer = show(ws, qtbot, first)
     np.testing.assert_array_equal(layer.data, mask)
     assert ann.kind() == "sparse" and ann.image_label() == "lesion"
-    assert ws.cases_panel.table.rowCount() == len(reopened)
+    assert ws.cases_panel.row_count() == len(reopened)
 
 
 def test_autosave_after_paint_never_saves_unchanged_and_undo(workspace, qtbot, sample_project):
@@ -198,7 +199,7 @@ def test_next_case_follows_the_ranking_and_previous_goes_back(workspace, qtbot, 
     ws = workspace
     ws.open_project(sample_project)
     cases = ws.cases_panel
-    assert cases.table.rowCount() == len(ids)
+    assert cases.row_count() == len(ids)
     visited = []
     for step in range(3):
         cases.next_case()
@@ -217,9 +218,39 @@ def test_next_case_follows_the_ranking_and_previous_goes_back(workspace, qtbot, 
     assert ws.state.case_id == expected_bald[0]
     bald = [c for c, _s in rank(project, "bald", k=len(ids))]
     assert [c for c, _s in cases.ranking] == bald
-    top_row = next(r for r in range(len(ids)) if cases.table.item(r, 0).text()
+    top_row = next(r for r in range(len(ids)) if cases.cell_text(r, 0)
                    == project.case(bald[0]).name)
-    assert cases.table.item(top_row, 4).text() == "1"   # the Rank column
+    assert cases.cell_text(top_row, 4) == "1"            # the Rank column
+
+
+def test_case_table_filters_sorts_selects_and_updates_a_row_in_place(workspace, qtbot, tmp_path):
+    path = tmp_path / "labelled"
+    create_sample_project(path)              # 7 full masks, 3 image labels
+    ws = workspace
+    ws.open_project(path)
+    cases, project = ws.cases_panel, ws.project
+    names = sorted(project.case(c).name for c in project.case_ids())
+    assert cases.row_count() == 10
+    cases._filter.setCurrentText("full")     # noqa: SLF001 - the filter combo box
+    assert cases.row_count() == 7
+    assert {cases.cell_text(r, 1) for r in range(7)} == {"full"}
+    cases._search.setText("NAR")             # noqa: SLF001 - and a name filter on top
+    assert cases.row_count() == 0
+    cases._filter.setCurrentText("all")      # noqa: SLF001
+    assert sorted(cases.cell_text(r, 0) for r in range(cases.row_count())) == \
+        [n for n in names if "NAR" in n]
+    cases._search.setText("")                # noqa: SLF001
+
+    cases.table.sortByColumn(0, Qt.SortOrder.DescendingOrder)  # a click on the Case header
+    assert [cases.cell_text(r, 0) for r in range(10)] == names[::-1]
+
+    cases.table.selectRow(3)                 # a click on a row opens its case
+    target = project.find(names[::-1][3]).id
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_case == target, timeout=10_000)
+    ws.annotate_panel.set_image_label("no lesion")
+    assert cases.cell_text(3, 0) == names[::-1][3]                  # the row stays in place
+    assert cases.cell_text(3, 2).startswith("no lesion")            # with its new label
+    assert cases.table.selectionModel().selectedRows()[0].row() == 3
 
 
 def test_keyboard_shortcuts(workspace, qtbot, sample_project):
@@ -278,8 +309,8 @@ def test_create_project_and_import_folder(workspace, qtbot, tmp_path):
     assert project is not None and ws.project is project
     ws.project_panel.import_folder(images)
     qtbot.waitUntil(lambda: len(ws.project) == 3, timeout=20_000)
-    qtbot.waitUntil(lambda: ws.cases_panel.table.rowCount() == 3, timeout=5_000)
-    names = sorted(ws.cases_panel.table.item(r, 0).text() for r in range(3))
+    qtbot.waitUntil(lambda: ws.cases_panel.row_count() == 3, timeout=5_000)
+    names = sorted(ws.cases_panel.cell_text(r, 0) for r in range(3))
     assert names == ["scan (0)", "scan (1)", "scan (2)"]
     ann = ws.annotate_panel
     assert [b.text() for b in ann._paint_group.buttons()] == ["1 lesion", "2 cyst", "0 background"]  # noqa: SLF001
@@ -374,7 +405,7 @@ def test_launch_docks_the_workspace_on_a_project(monkeypatch, qtbot, sample_proj
         viewer = napari.current_viewer()
         dock = viewer.window.dock_widgets[DOCK_NAME]
         seen["project"] = dock.project.path
-        seen["cases"] = dock.cases_panel.table.rowCount()
+        seen["cases"] = dock.cases_panel.row_count()
         dock.shutdown()
         viewer.close()
 
@@ -433,7 +464,7 @@ def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeyp
     assert kwargs["label_col"] == "dr" and kwargs["reference"] is False
     panel.import_csv(sample_manifest_path(), **kwargs)
     qtbot.waitUntil(lambda: len(ws.project) == 10, timeout=30_000)
-    qtbot.waitUntil(lambda: ws.cases_panel.table.rowCount() == 10, timeout=5_000)
+    qtbot.waitUntil(lambda: ws.cases_panel.row_count() == 10, timeout=5_000)
     statuses = {ws.project.case(c).status for c in ws.project.case_ids()}
     assert statuses == {"full", "image label"}
 
