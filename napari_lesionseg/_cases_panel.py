@@ -299,7 +299,7 @@ class CasesPanel(QWidget):
         self.table.verticalHeader().setDefaultSectionSize(20)
         header = self.table.horizontalHeader()
         # fixed widths for the short columns (ResizeToContents would measure every row)
-        for col, width in zip(range(1, len(COLUMNS)), (64, 74, 40, 44)):
+        for col, width in zip(range(1, len(COLUMNS)), (64, 74, 44, 54)):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.Interactive)
             header.resizeSection(col, width)
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
