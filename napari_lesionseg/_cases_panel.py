@@ -124,9 +124,7 @@ class CaseTableModel(QAbstractTableModel):
     def sort(self, column: int, order=Qt.SortOrder.AscendingOrder) -> None:
         """Sort the shown rows by ``column`` (the view calls this when a header is clicked)."""
         self.sort_column, self.sort_order = column, order
-        self.layoutAboutToBeChanged.emit()
-        self._order()
-        self.layoutChanged.emit()
+        self.refilter()
 
     # ---- content
     def text(self, row: Row, col: int) -> str:
@@ -167,9 +165,18 @@ class CaseTableModel(QAbstractTableModel):
         self.endResetModel()
 
     def refilter(self) -> None:
-        """Re-apply the filter and the sort order (e.g. after the filter or the ranking changed)."""
+        """Re-apply the filter and the sort order (e.g. after the filter or the ranking changed).
+
+        The view's selection and current cell follow their case to its new row (or go, if the
+        filter hides it).
+        """
         self.layoutAboutToBeChanged.emit()
+        old = self.persistentIndexList()
+        cases = [self.shown[i.row()] if 0 <= i.row() < len(self.shown) else None for i in old]
         self._order()
+        new = [self.index(self._index[c], i.column()) if c in self._index else QModelIndex()
+               for c, i in zip(cases, old)]
+        self.changePersistentIndexList(old, new)
         self.layoutChanged.emit()
 
     def update(self, row: Row) -> bool:

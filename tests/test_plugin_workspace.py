@@ -251,6 +251,9 @@ def test_case_table_filters_sorts_selects_and_updates_a_row_in_place(workspace, 
     assert cases.cell_text(3, 0) == names[::-1][3]                  # the row stays in place
     assert cases.cell_text(3, 2).startswith("no lesion")            # with its new label
     assert cases.table.selectionModel().selectedRows()[0].row() == 3
+    cases.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)       # the selection follows it
+    [selected] = cases.table.selectionModel().selectedRows()
+    assert cases.cell_text(selected.row(), 0) == names[::-1][3] and selected.row() == 6
 
 
 def test_keyboard_shortcuts(workspace, qtbot, sample_project):
