@@ -122,7 +122,7 @@ def _current_window_viewer():
 
 def open_in_workspace(viewer, folder: Path):
     """Open ``folder`` in the viewer's Lesion workspace (docking one if there is none) and show
-    its first suggested case when no case is shown.
+    its first suggested case when no case is shown (and it has cases).
 
     Args:
         viewer: a napari viewer with a window.
@@ -146,6 +146,7 @@ def open_in_workspace(viewer, folder: Path):
         if dock is not None:  # bring a tabbed or hidden workspace to the front
             dock.show()
             dock.raise_()
-    if workspace.project is not None and workspace.annotate_panel.shown_case is None:
-        workspace.cases_panel.next_case()
+    project = workspace.project
+    if project is not None and len(project) and workspace.annotate_panel.shown_case is None:
+        workspace.cases_panel.next_case()  # (an empty project waits for an import)
     return workspace

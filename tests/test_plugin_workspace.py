@@ -418,7 +418,12 @@ def test_launch_docks_the_workspace_on_a_project(monkeypatch, qtbot, sample_proj
 
 
 def test_opening_a_project_folder_in_napari_opens_the_workspace(make_napari_viewer, qtbot,
-                                                                sample_project, tiny_project):
+                                                                sample_project, tiny_project,
+                                                                tmp_path, monkeypatch):
+    from napari_lesionseg import _cases_panel
+
+    infos = []
+    monkeypatch.setattr(_cases_panel, "show_info", infos.append)
     viewer = make_napari_viewer()
     added = viewer.open(str(sample_project), plugin="napari-lesionseg")
     assert added == []                        # the reader adds no layer of its own ...
@@ -433,6 +438,11 @@ def test_opening_a_project_folder_in_napari_opens_the_workspace(make_napari_view
         assert ws.project.path == tiny_project.path
         qtbot.waitUntil(lambda: ws.annotate_panel.shown_case in tiny_project.case_ids(),
                         timeout=10_000)
+        empty = Project.create(tmp_path / "empty", ["lesion"])   # opens, waiting for an import
+        viewer.open(str(empty.path), plugin="napari-lesionseg")
+        assert ws.project.path == empty.path and ws.cases_panel.row_count() == 0
+        qtbot.wait(600)                       # past the ranking's debounce
+        assert ws.annotate_panel.shown_case is None and infos == []
     finally:
         ws.shutdown()
         qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)
