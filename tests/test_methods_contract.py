@@ -302,6 +302,19 @@ def test_confident_ce_ignores_unsure_teacher_pixels():
     assert g[1, 0, 0] < 0 and g[0, 1, 0] < 0  # pushed towards the teacher's class
 
 
+def test_softmax_mse_ignores_invalid_pixels():
+    from training_backend.losses import softmax_mse
+
+    student = torch.zeros(1, 2, 1, 2, requires_grad=True)   # 0.5 / 0.5 at both pixels
+    teacher = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])  # class 0 sure at both
+    valid = torch.tensor([[[True, False]]])
+    loss = softmax_mse(student, teacher, valid)
+    assert loss.item() == pytest.approx(2 * 0.25 / 4)       # one valid pixel's two squares, over all
+    loss.backward()
+    assert torch.all(student.grad[0, :, 0, 1] == 0) and student.grad[0, 0, 0, 0] < 0
+    assert softmax_mse(student, teacher).item() == pytest.approx(0.25)
+
+
 def test_paste_pairs_mix_annotations_and_teacher_both_ways():
     from training_backend.methods.mean_teacher import paste_pairs
 

@@ -83,14 +83,18 @@ def image_class_loss(image_logits: Tensor | None, image_class: Tensor) -> Tensor
     return F.cross_entropy(image_logits[known], image_class[known])
 
 
-def softmax_mse(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+def softmax_mse(student_logits: Tensor, teacher_probs: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean squared difference between the student's softmax and the teacher's probabilities.
 
     Args:
         student_logits: (B, C, H, W) logits (gradient flows here).
         teacher_probs: (B, C, H, W) probabilities (treated as constant).
+        valid: optional (B, H, W) bool; pixels outside it add 0 (the mean is still over all).
     """
-    return F.mse_loss(torch.softmax(student_logits, dim=1), teacher_probs.detach())
+    if valid is None:
+        return F.mse_loss(torch.softmax(student_logits, dim=1), teacher_probs.detach())
+    sq = (torch.softmax(student_logits, dim=1) - teacher_probs.detach()).pow(2)  # (B, C, H, W)
+    return (sq * valid[:, None].to(sq.dtype)).mean()
 
 
 def sigmoid_rampup(x: float) -> float:

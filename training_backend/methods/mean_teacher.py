@@ -120,13 +120,6 @@ def paste_pairs(unlabelled: Tensor, teacher_probs: Tensor, labelled: Tensor, tar
     return images, probs, valid
 
 
-def _masked_mse(student_logits: Tensor, teacher_probs: Tensor, valid: Tensor | None) -> Tensor:
-    if valid is None:
-        return softmax_mse(student_logits, teacher_probs)
-    sq = (torch.softmax(student_logits, 1) - teacher_probs.detach()).pow(2).mean(1)  # (B, H, W)
-    return (sq * valid.to(sq.dtype)).mean()
-
-
 @register
 class MeanTeacher(Method):
     """Semi-supervised U-Net: supervised losses + EMA-teacher consistency on unlabelled images."""
@@ -162,7 +155,7 @@ class MeanTeacher(Method):
         threshold = float(self.options["confidence"])
         if threshold > 0:
             return confident_ce(student_logits, teacher_probs, threshold, valid)
-        return _masked_mse(student_logits, teacher_probs, valid)
+        return softmax_mse(student_logits, teacher_probs, valid)
 
     def training_step(self, batch: Batch, step: int, progress: float) -> dict[str, Tensor]:
         o = self.options
