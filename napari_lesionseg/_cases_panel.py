@@ -74,16 +74,17 @@ class CaseTableModel(QAbstractTableModel):
 
     Args:
         rank_of: the ranking position of a case id (or None).
+        row_filter: returns the current filter, a predicate on rows.
     """
 
-    def __init__(self, rank_of, parent=None):
+    def __init__(self, rank_of, row_filter, parent=None):
         super().__init__(parent)
         self.rank_of = rank_of
+        self.row_filter = row_filter
         self.rows: dict[str, Row] = {}
         self.shown: list[str] = []
         self._index: dict[str, int] = {}
         self.sort_column, self.sort_order = COLUMNS.index("Rank"), Qt.SortOrder.AscendingOrder
-        self.accept = lambda row: True
 
     # ---- Qt model API
     def rowCount(self, parent=QModelIndex()) -> int:  # noqa: N802 - Qt API
@@ -151,8 +152,8 @@ class CaseTableModel(QAbstractTableModel):
         return lambda r: (UNRANKED if (p := self.rank_of(r.cid)) is None else p)
 
     def _order(self) -> None:
-        key = self._key(self.sort_column)
-        rows = [r for r in self.rows.values() if self.accept(r)]
+        key, accept = self._key(self.sort_column), self.row_filter()
+        rows = [r for r in self.rows.values() if accept(r)]
         rows.sort(key=key, reverse=self.sort_order == Qt.SortOrder.DescendingOrder)  # stable
         self.shown = [r.cid for r in rows]
         self._index = {cid: i for i, cid in enumerate(self.shown)}
@@ -295,8 +296,7 @@ class CasesPanel(QWidget):
         filt.addWidget(self._search, 1)
         lay.addLayout(filt)
 
-        self.model = CaseTableModel(lambda cid: self._rank_pos.get(cid), self)
-        self.model.accept = self._accepts
+        self.model = CaseTableModel(lambda cid: self._rank_pos.get(cid), self._row_filter, self)
         self.table = QTableView()
         self.table.setModel(self.model)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -377,21 +377,26 @@ class CasesPanel(QWidget):
             return
         self._update_info()
 
-    def _accepts(self, row: Row) -> bool:
+    def _row_filter(self):
+        """The current status and name filter as a predicate on rows (widgets read once)."""
         status_filter = self._filter.currentText()
         text = self._search.text().strip().lower()
-        if text and text not in row.name.lower() and text not in row.cid:
-            return False
-        if status_filter == "all":
-            return True
-        if status_filter == "to do":
-            return row.status != "full" and not row.holdout
-        if status_filter == "predicted":
-            return row.predicted
-        if status_filter == "holdout":
-            return row.holdout
-        return row.status == status_filter or (
-            status_filter == "unlabelled" and row.status == "predicted")
+
+        def accepts(row: Row) -> bool:
+            if text and text not in row.name.lower() and text not in row.cid:
+                return False
+            if status_filter == "all":
+                return True
+            if status_filter == "to do":
+                return row.status != "full" and not row.holdout
+            if status_filter == "predicted":
+                return row.predicted
+            if status_filter == "holdout":
+                return row.holdout
+            return row.status == status_filter or (
+                status_filter == "unlabelled" and row.status == "predicted")
+
+        return accepts
 
     def _apply_filter(self, *_args) -> None:
         self.model.refilter()
@@ -400,8 +405,8 @@ class CasesPanel(QWidget):
     def _select_current(self) -> None:
         cid = self.state.case_id
         row = None if cid is None else self._row_of(cid)
+        # (the selection signal this emits is harmless: going to the current case is a no-op)
         selection = self.table.selectionModel()
-        selection.blockSignals(True)
         if row is None:
             selection.clearSelection()
         else:
@@ -409,8 +414,6 @@ class CasesPanel(QWidget):
             selection.select(index, QItemSelectionModel.SelectionFlag.ClearAndSelect
                              | QItemSelectionModel.SelectionFlag.Rows)
             self.table.scrollTo(index, QAbstractItemView.ScrollHint.EnsureVisible)
-        selection.blockSignals(False)
-        self.table.viewport().update()
 
     def _update_info(self) -> None:
         project = self.state.project
