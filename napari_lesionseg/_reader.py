@@ -86,12 +86,12 @@ def read_project(path: str | list[str]) -> list[tuple]:
     from training_backend.store import Project
 
     folder = _project_folder(Path(path[0] if isinstance(path, (list, tuple)) else path))
-    project = Project.open(folder, mode="r")
-    ids = project.case_ids()
     viewer = _current_window_viewer()
-    if viewer is not None:
+    if viewer is not None:  # the workspace opens it (and shows any error as a notification)
         open_in_workspace(viewer, folder)
         return [(None,)]
+    project = Project.open(folder, mode="r")
+    ids = project.case_ids()
     if not ids:
         raise ProjectError(f"{folder}: the project has no cases yet; import images first")
     rec = project.case(ids[0])

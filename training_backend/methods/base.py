@@ -258,9 +258,8 @@ class Method(nn.Module):
         The previous train/eval mode is restored afterwards; a method whose own ``training``
         flag is False is taken to be in eval mode throughout (``eval()`` and ``train()`` set
         every submodule, and no method switches a submodule alone outside its training step).
-        Gating (module docstring) is
-        applied with the ``gate_threshold`` option unless ``gate`` is False (callers that pool
-        several passes gate once, on the pooled presence).
+        Gating (module docstring) is applied with the ``gate_threshold`` option unless ``gate``
+        is False (callers that pool several passes gate once, on the pooled presence).
 
         Args:
             image: (B, C, H, W) normalised images, any H, W.
