@@ -2,19 +2,29 @@
 
 Runs, each for the same wall-clock budget (default 300 s) on the same train/holdout split:
 
-  baseline   plain MONAI BasicUNet (16-16-32-64-128, DiceCE, Adam 1e-3, 128 px, flips), all masks,
-             in a bare torch loop written here (the bar to beat)
+  baseline   plain MONAI BasicUNet (16-16-32-64-128, DiceCE, Adam 1e-3, batch 16, 128 px,
+             flips), all masks, in a bare torch loop written here (the bar to beat)
   sup100     our `supervised` default: all masks + image labels
   sup10      `supervised` with masks (and labels) on 10 % of the training cases only
   mt10       `mean_teacher`: the same 10 % masks, the other 90 % as unlabelled images
+  sup10b     `supervised`: the same 10 % masks, an image label on every training case
+  mt10b      `mean_teacher`: the same 10 % masks, an image label on every training case
   cam        `cam`: image labels (normal/benign/malignant) only, no masks at all
 
-and reports, on the holdout cases (never trained on): mean Dice and IoU over lesion cases, and
-the share of normal (lesion-free) images whose predicted mask is empty.
+and reports, on the holdout cases (never trained on): mean Dice, IoU and HD95 over lesion cases,
+and the share of normal (lesion-free) images whose predicted mask is empty. Our models are
+predicted as the product predicts (flip TTA + MC dropout, the method's own gate); beside that,
+from the same ungated predictions, what the other gating rules would give (`gate_presence`:
+presence head alone; `ungated`). Each run can be repeated over ``--seeds`` (training seed; the
+split stays the same) and the table gives mean ± half the range.
 
     .venv/bin/python benchmarks/bench_busi.py [--budget-s 300] [--runs baseline,sup100,...]
+                                              [--seeds 0,1,2] [--tag NAME]
                                               [--data ../shared/data/busi] [--out bench_out/busi]
-                                              [--lr LR] [-o NAME=VALUE ...]
+                                              [--lr LR] [-o NAME=VALUE ...] [--set NAME=VALUE ...]
+
+``-o`` passes a method option, ``--set`` a training setting (a `TrainConfig` field, e.g.
+``--set batch_size=16 --set fold_validation=0``); ``--tag`` names the variant in the table.
 
 It needs ../shared/data/busi (not shipped); without it, it says so and exits 0.
 Results are appended to bench_out/busi/results.jsonl and printed as a Markdown table.
@@ -37,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from training_backend.store import Project  # noqa: E402
 
 RUNS = ("baseline", "sup100", "sup10", "mt10", "cam")
+METHOD_OF = {"sup100": "supervised", "sup10": "supervised", "mt10": "mean_teacher",
+             "sup10b": "supervised", "mt10b": "mean_teacher", "cam": "cam"}
 HOLDOUT_FRACTION = 0.2
 
 
@@ -93,18 +105,21 @@ def scenario_project(base: Path, out: Path, run: str, seed: int = 0) -> Path:
         for i, rec in enumerate(project.cases()):
             if rec.split != "train":
                 continue
-            labelled = run in ("baseline", "sup100", "cam") or rec.id in order[:n10]
-            if run in ("baseline", "sup100", "sup10", "mt10") and labelled:
+            masked = run in ("baseline", "sup100") or (run != "cam" and rec.id in order[:n10])
+            labelled = run in ("sup100", "cam", "sup10b", "mt10b") or (
+                run in ("sup10", "mt10") and rec.id in order[:n10])
+            if masked:
                 project.save_annotation(rec.id, project.read_reference(rec.id), "full",
                                         author="simulated", source="reference")
-            if run in ("sup100", "sup10", "mt10", "cam") and labelled:
+            if labelled:
                 project.set_image_label(rec.id, rec.reference_label, author="simulated")
     return dest
 
 
 # ------------------------------------------------------------------------------ baseline (bare)
-def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, seed: int = 0) -> None:
-    """The bar: a plain MONAI BasicUNet in a bare loop; writes its predictions to the store."""
+def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, seed: int = 0,
+                   batch_size: int = 16):
+    """The bar: a plain MONAI BasicUNet in a bare loop; returns a predictor of one image."""
     import torch
     import torch.nn.functional as F
     from monai.losses import DiceCELoss
@@ -126,7 +141,7 @@ def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, s
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     t0, step = time.perf_counter(), 0
     while time.perf_counter() - t0 < budget_s:
-        idx = torch.randint(0, len(x), (8,))
+        idx = torch.randint(0, len(x), (batch_size,))
         xb, yb = x[idx], y[idx]
         if torch.rand(()) < 0.5:
             xb, yb = xb.flip(-1), yb.flip(-1)
@@ -139,16 +154,14 @@ def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, s
         step += 1
     print(f"baseline: {step} steps in {budget_s:.0f} s", flush=True)
     net.eval()
-    with torch.no_grad():
-        for rec in project.cases():
-            img = _prep(project.read_image(rec.id), image_size)[None]
-            prob = torch.softmax(net(img), 1)
-            prob = F.interpolate(prob, size=rec.shape, mode="bilinear", align_corners=False)[0]
-            pred = prob.argmax(0).numpy().astype(np.uint8)
-            project.write_outputs(rec.id, "baseline", pred, prob.numpy(),
-                                  np.zeros((1,) + rec.shape, np.float32),
-                                  np.zeros(rec.shape, np.float32), {})
-    project.register_model("baseline", {"method": "monai BasicUNet (bare loop)", "steps": step})
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            prob = torch.softmax(net(_prep(image, image_size)[None]), 1)
+            prob = F.interpolate(prob, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            return prob.argmax(0).numpy().astype(np.uint8)
+
+    return predict, step
 
 
 def _prep(image: np.ndarray, size: int):
@@ -165,25 +178,85 @@ def _prep(image: np.ndarray, size: int):
 
 
 # ------------------------------------------------------------------------------ ours
-def train_ours(project_path: Path, method: str, budget_s: float, **overrides) -> dict:
+def train_ours(project_path: Path, method: str, budget_s: float, **overrides) -> int:
+    """Train with the product's trainer (no predictions); returns the steps taken."""
     from training_backend.trainer import TrainConfig, run_training
 
-    cfg = TrainConfig(method=method, budget_s=budget_s, predict=True, model_id=method, **overrides)
-    last = None
+    cfg = TrainConfig(method=method, budget_s=budget_s, predict=False, model_id=method, **overrides)
+    steps = 0
     for ev in run_training(project_path, cfg):
         name = type(ev).__name__
-        if name in ("Finished", "Failed", "Started"):
+        if name in ("Finished", "Failed", "Started", "ValidationFolded"):
             print(f"  {name}: {ev}", flush=True)
         if name == "Failed":
             raise RuntimeError(ev.message)
-        last = ev
-    return {"last_event": type(last).__name__}
+        if name == "Finished":
+            steps = ev.step
+    return steps
 
 
-def evaluate(project_path: Path) -> dict:
-    from training_backend.metrics import evaluate_project
+def predict_ours(project_path: Path, model_id: str):
+    """The product's prediction of one image, ungated, with the scores the gates read.
 
-    return evaluate_project(Project.open(project_path), split="holdout")
+    Returns a function image -> (ungated class map, scores); gating one lesion class either
+    keeps that map or empties it, so every gating rule can be scored from it.
+    """
+    from training_backend.inference import gate_threshold, gate_uses_segmentation, load_model, predict_image
+
+    project = Project.open(project_path)
+    method, cfg = load_model(project.path / "models" / model_id / "latest.pt")
+    threshold, use_seg = gate_threshold(method), gate_uses_segmentation(method)
+    method.options["gate_threshold"] = 0.0  # ungated; the rules are applied by `score`
+    method = method.inference_copy()
+    channels = method.in_channels
+
+    def predict(image: np.ndarray):
+        out = predict_image(method, image, channels, cfg.image_size, cfg.mc_samples, "cpu")
+        return out["pred"], out["scores"]
+
+    return predict, threshold, use_seg
+
+
+def score(project_path: Path, predict, rules: dict) -> dict:
+    """Holdout metrics of each gating rule: rule(scores) -> keep the lesion or not."""
+    from training_backend.metrics import case_metrics
+
+    project = Project.open(project_path)
+    res = {name: {"dice": [], "iou": [], "hd95": [], "empty": []} for name in rules}
+    cases = []  # per holdout case: what the gates read and the ungated Dice (for analysis)
+    for rec in project.cases():
+        if rec.split != "holdout":
+            continue
+        ref = project.read_reference(rec.id)
+        pred, scores = predict(project.read_image(rec.id))
+        lesion = bool(np.any(ref > 0))
+        cases.append({"lesion": lesion, "presence": (scores.get("presence") or [None])[0],
+                      "seg": (scores.get("segmentation_presence") or [None])[0],
+                      "frac": scores.get("lesion_frac"),
+                      "dice": case_metrics(pred, ref, 1)["dice"][0] if lesion else None})
+        for name, keep in rules.items():
+            p = pred if keep(scores) else np.zeros_like(pred)
+            if lesion:
+                m = case_metrics(p, ref, 1)
+                for key in ("dice", "iou", "hd95"):
+                    res[name][key].append(m[key][0])
+            else:
+                res[name]["empty"].append(not bool(np.any(p > 0)))
+    out = {name: {"dice": float(np.mean(r["dice"])), "iou": float(np.mean(r["iou"])),
+                  "hd95": float(np.mean(r["hd95"])), "empty_rate": float(np.mean(r["empty"])),
+                  "n_lesion": len(r["dice"]), "n_lesion_free": len(r["empty"])}
+           for name, r in res.items()}
+    out["cases"] = cases
+    return out
+
+
+def _value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def main() -> int:
@@ -192,11 +265,19 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "busi"))
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (default 0)")
+    ap.add_argument("--tag", default="", help="name of this variant in the table")
     ap.add_argument("--lr", type=float, help="learning rate of our runs (default: the trainer's)")
     ap.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
                     help="method option for our runs (repeatable), e.g. -o cam_hi=0.35")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                    help="training setting for our runs (repeatable), e.g. --set batch_size=16")
     args = ap.parse_args()
     options = dict(kv.split("=", 1) for kv in args.option)
+    settings = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.settings)}
+    if args.lr:
+        settings["lr"] = args.lr
+    seeds = [int(v) for v in args.seeds.split(",")]
     data, out = Path(args.data), Path(args.out)
     from training_backend.runtime import keep_freed_memory
 
@@ -208,41 +289,71 @@ def main() -> int:
     base = base_project(data, out)
     rows = []
     for run in args.runs.split(","):
-        print(f"== {run} ({args.budget_s:.0f} s)", flush=True)
-        path = scenario_project(base, out, run)
-        t = time.perf_counter()
-        if run == "baseline":
-            train_baseline(path, args.budget_s)
-        else:
-            method = {"sup100": "supervised", "sup10": "supervised", "mt10": "mean_teacher",
-                      "cam": "cam"}[run]
-            train_ours(path, method, args.budget_s, method_options=options,
-                       **({"lr": args.lr} if args.lr else {}))
-        wall = time.perf_counter() - t
-        res = evaluate(path)
-        row = {"run": run, "budget_s": args.budget_s, "wall_s": round(wall, 1),
-               "dice": res["per_class"]["lesion"]["dice"], "iou": res["per_class"]["lesion"]["iou"],
-               "hd95": res["per_class"]["lesion"]["hd95"], "empty_rate": res["empty_rate"],
-               "n_lesion_free": res["n_lesion_free"], "n_holdout": res["n_cases"],
-               "presence_auc": (res.get("presence_auc") or {}).get("lesion"),
-               **({"options": options, "lr": args.lr} if run != "baseline" and (options or args.lr) else {}),
-               "time": time.strftime("%Y-%m-%d %H:%M")}
-        rows.append(row)
-        with open(out / "results.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-    print("\n| run | budget (s) | holdout lesion Dice | IoU | HD95 (px) | normal images left empty |")
-    print("|---|---|---|---|---|---|")
-    ref = next((r for r in rows if r["run"] == "sup100"), None)
-    for r in rows:
-        fmt = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
-        print(f"| {r['run']} | {r['budget_s']:.0f} | {fmt(r['dice'])} | {fmt(r['iou'])} | "
-              f"{fmt(r['hd95'], 1)} | {fmt(r['empty_rate'], 2)} |")
-    if ref and ref["dice"]:
-        for r in rows:
-            if r["dice"] is not None:
-                print(f"{r['run']}: {r['dice'] / ref['dice']:.2f}x the Dice of sup100")
+        if run != "baseline" and run not in METHOD_OF:
+            raise SystemExit(f"bench_busi: unknown run {run!r} (baseline, {', '.join(METHOD_OF)})")
+        for seed in seeds:
+            print(f"== {run} seed {seed} {args.tag} ({args.budget_s:.0f} s)", flush=True)
+            path = scenario_project(base, out, run)
+            t = time.perf_counter()
+            if run == "baseline":
+                predict, steps = train_baseline(path, args.budget_s, seed=seed)
+                results = score(path, lambda im: (predict(im), {}), {"ungated": lambda s: True})
+                results["product"] = results["ungated"]
+                results["cases"] = []
+            else:
+                steps = train_ours(path, METHOD_OF[run], args.budget_s, method_options=options,
+                                   seed=seed, **settings)
+                predict, threshold, use_seg = predict_ours(path, METHOD_OF[run])
+                rules = {
+                    "product": lambda s: threshold <= 0 or s["gate_evidence"][0] >= threshold,
+                    "gate_presence": lambda s: s["presence"][0] >= 0.5,
+                    "gate_evidence": lambda s: s["gate_evidence"][0] >= 0.5,
+                    "ungated": lambda s: True,
+                }
+                results = score(path, predict, rules)
+            wall = time.perf_counter() - t
+            prod = results["product"]
+            row = {"run": run, "tag": args.tag, "seed": seed, "budget_s": args.budget_s,
+                   "steps": steps, "wall_s": round(wall, 1),
+                   **{k: prod[k] for k in ("dice", "iou", "hd95", "empty_rate")},
+                   "n_lesion": prod["n_lesion"], "n_lesion_free": prod["n_lesion_free"],
+                   "rules": {k: {m: round(v[m], 4) for m in ("dice", "empty_rate")}
+                             for k, v in results.items() if k != "cases"},
+                   "cases": results["cases"],
+                   **({"options": options} if run != "baseline" and options else {}),
+                   **({"settings": settings} if run != "baseline" and settings else {}),
+                   "time": time.strftime("%Y-%m-%d %H:%M")}
+            rows.append(row)
+            with open(out / "results.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    print_table(rows)
     return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    """Mean ± half the range over seeds, one line per (run, tag)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["run"], r.get("tag", "")), []).append(r)
+
+    def stat(values, digits=3):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        mean, half = float(np.mean(values)), (max(values) - min(values)) / 2
+        return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
+
+    print("\n| run | seeds | steps | holdout lesion Dice | IoU | HD95 (px) | normal images left empty "
+          "| Dice, presence gate | empty, presence gate | Dice ungated |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (run, tag), rs in groups.items():
+        rule = lambda name, m: stat([r["rules"].get(name, {}).get(m) for r in rs])  # noqa: E731
+        print(f"| {run}{' ' + tag if tag else ''} | {','.join(str(r['seed']) for r in rs)} | "
+              f"{stat([r['steps'] for r in rs], 0)} | {stat([r['dice'] for r in rs])} | "
+              f"{stat([r['iou'] for r in rs])} | {stat([r['hd95'] for r in rs], 1)} | "
+              f"{stat([r['empty_rate'] for r in rs], 2)} | {rule('gate_presence', 'dice')} | "
+              f"{rule('gate_presence', 'empty_rate')} | {rule('ungated', 'dice')} |")
 
 
 if __name__ == "__main__":

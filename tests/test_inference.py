@@ -11,13 +11,15 @@ from training_backend.errors import InputError
 from training_backend.events import Finished
 from training_backend.inference import (check_compatible, iter_predictions, load_model,
                                         predict_image, predict_project, resolve_checkpoint)
-from training_backend.methods.base import gate_probs
+from training_backend.methods.base import gate_evidence, gate_probs
 from training_backend.models import ModelConfig
 from training_backend.store import Project
 from training_backend.trainer import TrainConfig, train
 
 SCORE_KEYS = {"presence", "image_class", "lesion_frac", "entropy", "entropy_lesion", "bald", "tta_var",
-              "cam_disagreement", "burden_disagreement", "uncertainty_mean"}
+              "cam_disagreement", "burden_disagreement", "uncertainty_mean",
+              "segmentation_presence", "gate_evidence"}
+PER_CLASS_KEYS = {"presence", "segmentation_presence", "gate_evidence"}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,12 @@ def test_predict_image_outputs_and_scores(trained):
     assert out["uncertainty"].shape == (40, 56) and out["features"].dtype == np.float32
     scores = out["scores"]
     assert set(scores) == SCORE_KEYS and set(scores["image_class"]) == {"normal", "abnormal"}
-    for key in SCORE_KEYS - {"presence", "image_class"}:
+    for key in SCORE_KEYS - PER_CLASS_KEYS - {"image_class"}:
         assert math.isfinite(scores[key]) and scores[key] >= 0, key
+    for key in PER_CLASS_KEYS:
+        assert len(scores[key]) == 1 and 0 <= scores[key][0] <= 1, key
+    # the default gate reads the presence head alone
+    assert scores["gate_evidence"] == pytest.approx(scores["presence"], abs=1e-6)
     assert scores["lesion_frac"] == pytest.approx(float((out["pred"] > 0).mean()))
     single = predict_image(method, image, 1, 32, mc_samples=1)
     assert single["scores"]["bald"] == 0.0 and single["scores"]["uncertainty_mean"] > 0
@@ -78,6 +84,18 @@ def test_gate_probs_moves_absent_classes_to_background():
     assert gated[0, :, 0, 0].tolist() == pytest.approx([0.5, 0.5, 0.0])
     assert gated[1, :, 0, 0].tolist() == pytest.approx([0.2, 0.0, 0.8])
     assert torch.equal(gate_probs(probs, presence, 0.0), probs)
+
+
+def test_gate_evidence_combines_presence_and_segmentation():
+    probs = torch.tensor([[[[0.64, 0.1]], [[0.36, 0.9]]],           # image 0: strongest 0.9
+                          [[[0.99, 0.96]], [[0.01, 0.04]]]])        # image 1: strongest 0.04
+    presence = torch.tensor([[0.4], [0.81]])
+    assert torch.equal(gate_evidence(probs, presence, use_segmentation=False), presence)
+    both = gate_evidence(probs, presence)                           # sqrt(presence * strongest)
+    assert both[:, 0].tolist() == pytest.approx([0.6, 0.18])        # sqrt(.36), sqrt(.0324)
+    # image 0 survives a 0.5 gate only with the segmenter's evidence, image 1 only without
+    assert (both >= 0.5)[:, 0].tolist() == [True, False]
+    assert (presence >= 0.5)[:, 0].tolist() == [False, True]
 
 
 def test_prediction_is_gated_once_on_the_pooled_presence(trained):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import numpy as np
 import pytest
@@ -365,6 +366,29 @@ def test_mean_teacher_cutmix_targets_follow_the_box(monkeypatch):
         t = torch.softmax(m.teacher(u).seg_logits, 1)
     expected = t * (1 - box) + torch.roll(t, 1, 0) * box
     assert torch.allclose(seen["target"], expected, atol=1e-5)
+
+
+def test_mean_teacher_pays_for_unlabelled_images_only_when_they_count(monkeypatch):
+    """No teacher pass while the ramped-up weight is below ``skip_below`` of its maximum, nor
+    when the batch has no unlabelled image; a supervised step's losses then."""
+    torch.manual_seed(0)
+    m = build("mean_teacher", {"rampup": 0.5, "skip_below": 0.05}, 1, 1, 0)
+    calls = []
+    monkeypatch.setattr(m.teacher, "forward", lambda x: calls.append(len(x)) or m.net(x))
+    batch = make_batch(np.random.default_rng(0), 1, 1, 0)
+    m.train()
+    # exp(-5 (1 - 0.02/0.5)^2) = exp(-4.608) = 0.0100 < 0.05: skipped
+    assert m.consistency_weight(0.02) == pytest.approx(math.exp(-5 * 0.96 ** 2))
+    parts = m.training_step(batch, 0, 0.02)
+    assert calls == [] and "consistency" not in parts
+    # exp(-5 (1 - 0.25/0.5)^2) = exp(-1.25) = 0.287: paid for
+    assert m.consistency_weight(0.25) == pytest.approx(math.exp(-1.25))
+    parts = m.training_step(batch, 1, 0.25)
+    assert calls == [len(batch.unlabelled)] and "consistency" in parts
+    batch.unlabelled = None  # a project without maskless images
+    parts = m.training_step(batch, 2, 0.9)
+    assert calls == [len(make_batch(np.random.default_rng(0), 1, 1, 0).unlabelled)]
+    assert "consistency" not in parts and parts["loss"].requires_grad
 
 
 def test_cam_snapshot_is_taken_at_warmup_and_makes_the_pseudo_masks():

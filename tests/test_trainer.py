@@ -10,7 +10,7 @@ import torch
 from training_backend.data import (Preprocessor, build_training_set, project_channels, resize_target,
                                    select_validation)
 from training_backend.errors import InputError
-from training_backend.events import (CheckpointSaved, Failed, Finished, Loss, PredictionsReady,
+from training_backend.events import (CheckpointSaved, ValidationFolded, Failed, Finished, Loss, PredictionsReady,
                                      Progress, RoundFinished, Started, Validation)
 from training_backend.methods import METHODS
 from training_backend.models import ModelConfig
@@ -79,7 +79,11 @@ def test_training_set_snapshot_groups(tiny_project):
     assert set(ts.targets[sp].unique().tolist()) == {-1, 0, 1}
 
     mt = build_training_set(tiny_project, 32, METHODS["mean_teacher"].supervision)
-    assert [mt.case_ids[int(i)] for i in mt.unlabelled] == ["c000008"]
+    # every maskless case is unlabelled for segmentation, image label or not (c000006/7 have
+    # one, which still trains the presence and class heads as labelled cases)
+    assert [mt.case_ids[int(i)] for i in mt.unlabelled] == ["c000006", "c000007", "c000008"]
+    assert {"c000006", "c000007"} <= {mt.case_ids[int(i)] for i in mt.labelled}
+    assert mt.counts["unlabelled"] == 1
     batch = mt.sample(3, torch.Generator().manual_seed(0), unlabelled_size=2)
     assert batch.image.shape == (3, 1, 32, 32) and batch.unlabelled.shape == (2, 1, 32, 32)
     assert batch.target.dtype == torch.int64 and batch.presence.shape == (3, 1)
@@ -166,7 +170,12 @@ def test_tiny_training_events_checkpoint_and_predictions(tiny_project):
     assert losses and all(np.isfinite(v) for e in losses for v in e.values.values())
     assert "loss" in losses[-1].values
     vals = [e for e in events if isinstance(e, Validation)]
-    assert [v.step for v in vals] == [3, 6] and set(vals[-1].per_class) == {"lesion"}
+    # validated every 3 steps until the validation case joins the training for the last 25 %
+    # (from step 5 of 6); that last score is the run's, measured before it was trained on
+    assert [v.step for v in vals] == [3, 5] and set(vals[-1].per_class) == {"lesion"}
+    folded = [e for e in events if isinstance(e, ValidationFolded)]
+    assert [(f.step, f.n_cases, f.dice) for f in folded] == [(5, 1, vals[-1].dice)]
+    assert events.index(vals[-1]) < events.index(folded[0])
     ckpts = [e for e in events if isinstance(e, CheckpointSaved)]
     assert len(ckpts) >= 2 and ckpts[-1].step == 6
     assert sum(isinstance(e, RoundFinished) for e in events) == 1
@@ -183,6 +192,9 @@ def test_tiny_training_events_checkpoint_and_predictions(tiny_project):
     tiny_project.refresh()
     info = tiny_project.models()[start.model_id]
     assert info["step"] == 6 and info["method"] == "supervised" and info["status"] == "finished"
+    assert info["n_val"] == 1 and info["metrics"]["val_step"] == 5 and info["metrics"]["val_folded"]
+    assert info["metrics"]["val_dice"] == vals[-1].dice
+    assert ckpt["folded"] and ckpt["validation"]["step"] == 5
     out = tiny_project.read_outputs("c000009")
     assert out.model_id == start.model_id and out.pred.shape == (48, 48) and out.prob.shape == (2, 48, 48)
     assert out.cam.shape == (1, 48, 48) and out.uncertainty.shape == (48, 48) and out.features.ndim == 1
@@ -191,6 +203,22 @@ def test_tiny_training_events_checkpoint_and_predictions(tiny_project):
                                "uncertainty_mean"}
     # annotations untouched by training
     assert [a.version for a in tiny_project.case("c000001").annotations] == [1]
+
+
+def test_without_folding_validation_runs_to_the_end(tiny_project):
+    events = collect(tiny_project.path, tiny_config(steps=6, predict=False, fold_validation=0.0))
+    assert [e.step for e in events if isinstance(e, Validation)] == [3, 6]
+    assert not any(isinstance(e, ValidationFolded) for e in events)
+
+
+def test_folded_training_set_trains_on_the_validation_cases(tiny_project):
+    held = build_training_set(tiny_project, 32, seed=0)
+    folded = build_training_set(tiny_project, 32, seed=0, validation=False)
+    val_ids = {held.case_ids[i] for i in held.val.tolist()}
+    assert val_ids and folded.n_val == 0
+    trained = {folded.case_ids[i] for i in folded.labelled.tolist()}
+    assert val_ids <= trained
+    assert folded.labelled.numel() == held.labelled.numel() + len(val_ids)
 
 
 def _weights(project, model_id):
@@ -235,7 +263,8 @@ def test_rounds_pick_up_new_annotations(tiny_project):
                 other.save_annotation("c000008", scribble, "sparse")
         assert not isinstance(e, Failed), e.traceback
     assert [r.round for r in rounds] == [1, 2]
-    assert rounds[0].n_annotations == 6 and rounds[1].n_annotations == 7
+    # 6 training cases + 1 validation case, then the new scribble
+    assert rounds[0].n_annotations == 7 and rounds[1].n_annotations == 8
 
 
 def test_budget_mode_and_fine_tuning(tiny_project):

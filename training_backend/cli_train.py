@@ -146,6 +146,10 @@ class ProgressPrinter:
             self.dice = event.dice
         elif isinstance(event, ev.Progress):
             self._progress(event)
+        elif isinstance(event, ev.ValidationFolded):
+            dice = "-" if event.dice is None else f"{event.dice:.3f}"
+            self._line(f"step {event.step}: validation dice {dice}; the {event.n_cases} validation "
+                       f"cases are trained on from here")
         elif isinstance(event, ev.RoundFinished):
             dice = "-" if event.dice is None else f"{event.dice:.3f}"
             self._line(f"round {event.round} done: {event.n_annotations} labelled cases, dice {dice}")

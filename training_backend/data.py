@@ -10,10 +10,14 @@ Who trains on what:
 
 * ``split == "holdout"`` cases are never read here;
 * a deterministic ~15 % of the fully annotated training cases (at least 1, only when there are at
-  least 4) are validation cases: scored, never trained on;
+  least 4, at most 20) are validation cases: scored, not trained on — until the trainer folds
+  them back in for the end of a run (``validation=False``: every mask is trained on);
 * the remaining cases are *labelled* when they carry supervision the method can use (a full or a
   sparse mask, an image label or per-class presence), otherwise *unlabelled* (fed to methods
-  whose ``supervision.unlabelled`` is True, skipped for the others).
+  whose ``supervision.unlabelled`` is True, skipped for the others);
+* for those semi-supervised methods, every case without a usable mask is also in the
+  unlabelled pool, whatever image labels it has: for segmentation it is unlabelled (its image
+  label still trains the image-level heads through the labelled pool).
 """
 from __future__ import annotations
 
@@ -290,7 +294,7 @@ class TrainingSet:
     image_class: torch.Tensor     # (N,) int64, -1 unknown
     presence: torch.Tensor        # (N, K) float32 in {1, 0, -1}
     labelled: torch.Tensor        # (L,) int64 indices trained with labels
-    unlabelled: torch.Tensor      # (U,) int64 indices of images without usable labels
+    unlabelled: torch.Tensor      # (U,) int64 indices of images without a usable mask (SSL pool)
     val: torch.Tensor             # (V,) int64 indices of validation cases
     label_probs: torch.Tensor     # (L,) float32 sampling probabilities of the labelled cases
     classes: list[str]
@@ -306,6 +310,12 @@ class TrainingSet:
     @property
     def n_val(self) -> int:
         return int(self.val.numel())
+
+    @property
+    def n_annotated(self) -> int:
+        """Cases with supervision the method uses, validation cases included (the same count
+        whether or not they are held out at the moment)."""
+        return int(self.labelled.numel() + self.val.numel())
 
     def to(self, device: torch.device | str) -> "TrainingSet":
         """Move the stacked tensors to ``device`` (index tensors stay on the CPU)."""
@@ -425,7 +435,8 @@ def _uses(rec_kind: str | None, has_image_info: bool, sup: Supervision | None) -
 
 def build_training_set(project: Project, image_size: int, supervision: Supervision | None = None,
                        channels: int | None = None, seed: int = 0,
-                       preprocessor: Preprocessor | None = None) -> TrainingSet:
+                       preprocessor: Preprocessor | None = None,
+                       validation: bool = True) -> TrainingSet:
     """Snapshot the project and preprocess every case the method can train on.
 
     Call ``project.refresh()`` first to see other processes' latest saves; the snapshot is the
@@ -438,6 +449,7 @@ def build_training_set(project: Project, image_size: int, supervision: Supervisi
         channels: model input channels (default: `project_channels`).
         seed: seed of the validation choice.
         preprocessor: cache to reuse across rounds (must match image_size and channels).
+        validation: hold the validation cases out (False: they are trained on like the others).
     """
     records = [r for r in project.cases() if r.split != "holdout"]
     if channels is None:
@@ -451,7 +463,7 @@ def build_training_set(project: Project, image_size: int, supervision: Supervisi
     k = len(project.classes)
 
     full_ids = [r.id for r in records if r.latest is not None and r.latest.kind == "full"]
-    val_ids = set(select_validation(full_ids, seed))
+    val_ids = set(select_validation(full_ids, seed)) if validation else set()
 
     rows: list[tuple[CaseRecord, str]] = []  # (record, group) group ∈ mask | image | unlabelled | val
     counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0}
@@ -496,6 +508,9 @@ def build_training_set(project: Project, image_size: int, supervision: Supervisi
     idx = {g: torch.tensor([i for i, gg in enumerate(groups) if gg == g], dtype=torch.int64)
            for g in ("mask", "image", "unlabelled", "val")}
     labelled = torch.cat([idx["mask"], idx["image"]])
+    # semi-supervised methods: every maskless training image is unlabelled for segmentation
+    unlabelled = torch.cat([idx["image"], idx["unlabelled"]]).sort().values if use_unlabelled \
+        else idx["unlabelled"]
     n_mask, n_img = idx["mask"].numel(), idx["image"].numel()
     probs = torch.ones(labelled.numel(), dtype=torch.float32)
     if n_mask and n_img:  # masks carry more information: at least half of each batch
@@ -511,7 +526,7 @@ def build_training_set(project: Project, image_size: int, supervision: Supervisi
         full=torch.tensor(full, dtype=torch.bool),
         image_class=torch.tensor(img_cls, dtype=torch.int64),
         presence=torch.tensor(presences, dtype=torch.float32).reshape(len(rows), k),
-        labelled=labelled, unlabelled=idx["unlabelled"], val=idx["val"],
+        labelled=labelled, unlabelled=unlabelled, val=idx["val"],
         label_probs=probs, classes=project.classes, image_classes=image_classes,
         channels=channels, image_size=image_size, counts=counts,
     )

@@ -51,6 +51,17 @@ class Validation:
 
 
 @dataclass(frozen=True)
+class ValidationFolded:
+    """From ``step`` on, the ``n_cases`` validation cases are trained on too (the end of a run
+    learns from every mask). No validation follows: the last `Validation` before this event was
+    measured on cases the model had not been trained on, and stays the run's score."""
+
+    step: int
+    n_cases: int
+    dice: float | None
+
+
+@dataclass(frozen=True)
 class CheckpointSaved:
     step: int
     path: str
@@ -61,7 +72,7 @@ class RoundFinished:
     """A round ended; the store is re-read before the next one."""
 
     round: int
-    n_annotations: int   # cases with any supervision in the snapshot used by this round
+    n_annotations: int   # cases with supervision the method uses (validation cases included)
     dice: float | None
 
 
@@ -92,11 +103,11 @@ class Failed:
     user_error: bool = False
 
 
-Event = Union[Started, Progress, Loss, Validation, CheckpointSaved, RoundFinished,
+Event = Union[Started, Progress, Loss, Validation, ValidationFolded, CheckpointSaved, RoundFinished,
               PredictionsReady, Finished, Failed]
 
 #: Events after which nothing more comes.
 TERMINAL = (Finished, Failed)
 
-__all__ = ["Started", "Progress", "Loss", "Validation", "CheckpointSaved", "RoundFinished",
+__all__ = ["Started", "Progress", "Loss", "Validation", "ValidationFolded", "CheckpointSaved", "RoundFinished",
            "PredictionsReady", "Finished", "Failed", "Event", "TERMINAL"]

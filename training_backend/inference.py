@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from training_backend.data import preprocess_image
 from training_backend.errors import InputError, ProjectError
-from training_backend.methods.base import gate_probs
+from training_backend.methods.base import gate_evidence, gate_probs
 from training_backend.store import Project
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -156,6 +156,11 @@ def gate_threshold(method: "Method") -> float:
     return float(options.get("gate_threshold", PRESENCE_THRESHOLD))
 
 
+def gate_uses_segmentation(method: "Method") -> bool:
+    """Whether the method gates on presence and segmentation together (`gate_evidence`)."""
+    return bool((getattr(method, "options", {}) or {}).get("gate_segmentation", False))
+
+
 def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     # -sum p log p, with 0 log 0 = 0 (the clamp): the vectorised log and in-place passes are
     # about 2x faster than torch.special.entr (scalar code on this CPU) or xlogy
@@ -258,7 +263,8 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
             ungated = det
             bald = None
         # gating once, on the presence pooled over the passes (a pass is never gated alone)
-        prob = gate_probs(ungated[None], pres[None], gate_threshold(method))[0]  # (K+1, S, S)
+        evidence = gate_evidence(ungated[None], pres[None], gate_uses_segmentation(method))  # (1, K)
+        prob = gate_probs(ungated[None], evidence, gate_threshold(method))[0]  # (K+1, S, S)
         # the CAM as shown and ranked: class k's map weighted by its presence probability, so
         # an image the classifier calls lesion-free has a faint map, not one scaled to 1
         cam = cam.mul_(pres[:, None, None])  # (K, S, S)
@@ -311,6 +317,10 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         "cam_disagreement": 1.0 - soft_iou,
         # classifier vs segmenter: presence against the ungated segmentation's strongest lesion
         "burden_disagreement": abs(max(pres_list, default=0.0) - seg_presence),
+        # each lesion class's strongest pixel before gating (the segmenter's own presence)
+        "segmentation_presence": [float(v) for v in ungated[1:].flatten(1).amax(1).cpu()],
+        # what the gate compared with its threshold (gate_evidence)
+        "gate_evidence": [float(v) for v in evidence[0].cpu()],
         "uncertainty_mean": float(unc.mean()),
     }
     return {
@@ -401,5 +411,5 @@ def predict_project(project: Project, method_or_checkpoint, case_ids: Sequence[s
                                                       mc_samples, image_size, device=device, **kw)]
 
 
-__all__ = ["CasePredicted", "LoadedModel", "gate_threshold", "resolve_checkpoint", "check_compatible", "load_model",
+__all__ = ["CasePredicted", "LoadedModel", "gate_threshold", "gate_uses_segmentation", "resolve_checkpoint", "check_compatible", "load_model",
            "predict_image", "iter_predictions", "predict_project"]

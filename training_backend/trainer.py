@@ -29,7 +29,7 @@ import torch
 from training_backend.data import Preprocessor, TrainingSet, build_training_set, project_channels
 from training_backend.errors import InputError, LesionsegError, ProjectError
 from training_backend.events import (CheckpointSaved, Event, Failed, Finished, Loss, PredictionsReady,
-                                     Progress, RoundFinished, Started, Validation)
+                                     Progress, RoundFinished, Started, Validation, ValidationFolded)
 from training_backend.models import ModelConfig
 from training_backend.store import Project, atomic_write_json, now_iso
 
@@ -63,6 +63,9 @@ class TrainConfig:
         rounds: the store is re-read between rounds, so new annotations join without a restart.
         checkpoint_every_s: seconds between periodic checkpoints.
         validate_every: steps between validations (when there are validation cases).
+        fold_validation: the last fraction of the run in which the validation cases are trained
+            on too, so the final model learns from every mask (0: never). The run's validation
+            Dice is the one measured just before they join (`events.ValidationFolded`).
         predict: write predictions for all cases at the end (and after each round).
         mc_samples: MC-dropout samples for the uncertainty maps.
         init_from: checkpoint (path, model folder or model id) to fine-tune from.
@@ -84,6 +87,7 @@ class TrainConfig:
     rounds: int = 1
     checkpoint_every_s: float = 60.0
     validate_every: int = 50
+    fold_validation: float = 0.25
     predict: bool = True
     mc_samples: int = 4
     init_from: str | None = None
@@ -105,6 +109,7 @@ class TrainConfig:
             ("mc_samples", int(self.mc_samples) >= 1, "must be at least 1"),
             ("threads", self.threads is None or int(self.threads) >= 1, "must be at least 1"),
             ("checkpoint_every_s", self.checkpoint_every_s > 0, "must be > 0"),
+            ("fold_validation", 0 <= self.fold_validation < 1, "must be in [0, 1)"),
         ]
         for name, ok, problem in checks:
             if not ok:
@@ -420,7 +425,14 @@ class _Run:
             channels = project_channels(project)
         self.channels = channels
         self.preprocessor = Preprocessor(cfg.image_size, channels)
+        # validation cases join the training for the end of the run (TrainConfig.fold_validation)
+        self.folded = bool(ckpt.get("folded", False)) if ckpt is not None else False
+        saved_val = (ckpt.get("validation") if ckpt is not None else None) or {}
+        self.val_dice = saved_val.get("dice")
+        self.val_per_class = saved_val.get("per_class") or {}
+        self.val_step = saved_val.get("step")
         self.ts = self._snapshot()
+        self.n_val_scored = int(saved_val.get("n", 0)) if self.folded else self.ts.n_val
 
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -456,7 +468,7 @@ class _Run:
         self.project.refresh()
         ts = build_training_set(self.project, self.cfg.image_size, self.supervision,
                                 channels=self.channels, seed=self.cfg.seed,
-                                preprocessor=self.preprocessor)
+                                preprocessor=self.preprocessor, validation=not self.folded)
         counts = ts.counts
         requires = tuple(self.supervision.requires)
         if requires and not any(counts.get(r, 0) > 0 for r in requires):
@@ -486,6 +498,9 @@ class _Run:
                                "optimizer": self.optimizer.state_dict(),
                                "step": self.step, "elapsed_s": float(elapsed), "round": self.round,
                                "rng": _rng_state(self.generator, self.device),
+                               "folded": self.folded,
+                               "validation": {"dice": self.val_dice, "per_class": self.val_per_class,
+                                              "step": self.val_step, "n": self.n_val_scored},
                                "meta": self._meta()})
         _link_latest(path)
         steps = sorted(self.mdir.glob("step_*.pt"))
@@ -534,13 +549,17 @@ class _Run:
         n_acc = 0
         last_report = last_ckpt = time.monotonic()
         last_val_step = -1
-        dice: float | None = None
-        per_class: dict = {}
         reason = None
         first_step = True
         method.train()
 
         last_report_step = -1
+
+        def validate() -> Iterator[Event]:
+            nonlocal last_val_step
+            self.val_dice, self.val_per_class = _validate(method, self.ts)
+            self.val_step = last_val_step = self.step
+            yield Validation(self.step, self.val_dice, self.val_per_class)
 
         def report() -> Iterator[Event]:
             nonlocal acc, n_acc, last_report, last_report_step
@@ -570,10 +589,8 @@ class _Run:
             if cfg.rounds > 1 and self.round < cfg.rounds - 1 and frac >= (self.round + 1) / cfg.rounds:
                 yield from report()
                 if self.ts.n_val and last_val_step != self.step:
-                    dice, per_class = _validate(method, self.ts)
-                    last_val_step = self.step
-                    yield Validation(self.step, dice, per_class)
-                yield RoundFinished(self.round + 1, int(self.ts.labelled.numel()), dice)
+                    yield from validate()
+                yield RoundFinished(self.round + 1, self.ts.n_annotated, self.val_dice)
                 t_pause = time.monotonic()
                 if cfg.predict:
                     yield from self._predict()
@@ -581,6 +598,15 @@ class _Run:
                 self.ts = self._snapshot()
                 paused += time.monotonic() - t_pause
                 continue
+            # the end of the run: the validation cases are trained on too (scored once before)
+            if (not self.folded and cfg.fold_validation > 0 and self.ts.n_val
+                    and frac >= 1.0 - cfg.fold_validation):
+                if last_val_step != self.step:
+                    yield from validate()
+                n_val = self.ts.n_val
+                self.folded = True
+                self.ts = self._snapshot()
+                yield ValidationFolded(self.step, n_val, self.val_dice)
 
             batch = self.ts.sample(cfg.batch_size, self.generator, unlabelled_size=unl_size)
             lr = cfg.lr * lr_factor(self.step, frac, warmup)
@@ -602,9 +628,7 @@ class _Run:
                 first_step = False
                 yield from report()
             if self.ts.n_val and self.step % cfg.validate_every == 0:
-                dice, per_class = _validate(method, self.ts)
-                last_val_step = self.step
-                yield Validation(self.step, dice, per_class)
+                yield from validate()
             if now - last_ckpt >= cfg.checkpoint_every_s:
                 path = self._save(elapsed())
                 last_ckpt = time.monotonic()
@@ -614,21 +638,23 @@ class _Run:
         if n_acc or last_report_step != self.step:
             yield from report()
         if self.ts.n_val and last_val_step != self.step and reason != "cancelled":
-            dice, per_class = _validate(method, self.ts)
-            yield Validation(self.step, dice, per_class)
+            yield from validate()
         end_elapsed = elapsed()
         path = self._save(end_elapsed)
         yield CheckpointSaved(self.step, str(path))
         if reason != "cancelled":
-            yield RoundFinished(self.round + 1, int(self.ts.labelled.numel()), dice)
+            yield RoundFinished(self.round + 1, self.ts.n_annotated, self.val_dice)
             if cfg.predict:
                 yield from self._predict()
         self.project.register_model(self.model_id, {
             "method": cfg.method, "step": self.step, "time": now_iso(),
             "checkpoint": str(path), "status": "cancelled" if reason == "cancelled" else "finished",
-            "metrics": {"val_dice": dice, "per_class": per_class}, "device": str(self.device),
-            "n_train": self.ts.n_train, "n_val": self.ts.n_val,
-            "n_annotations": int(self.ts.labelled.numel()), "elapsed_s": round(end_elapsed, 3),
+            "metrics": {"val_dice": self.val_dice, "per_class": self.val_per_class,
+                        # measured at this step, on cases not trained on until then
+                        "val_step": self.val_step, "val_folded": self.folded},
+            "device": str(self.device),
+            "n_train": self.ts.n_train, "n_val": self.n_val_scored,
+            "n_annotations": self.ts.n_annotated, "elapsed_s": round(end_elapsed, 3),
             "image_size": cfg.image_size, "channels": self.channels, "config": cfg.to_dict(),
         })
         yield Finished(self.model_id, self.step, reason, str(path))

@@ -11,11 +11,16 @@ here give every method the same supervised losses:
 * presence: BCE on the known presence entries (-1 masked).
 * image class: CE on the known image classes (-1 masked).
 
-**Gating.** ``predict`` returns ``gate_prediction(pred, threshold)`` (option ``gate_threshold``,
-default 0.5; 0 disables it): lesion class k is removed (its probability moved to background)
-from every image whose predicted presence of k is below the threshold. The presence head sees
-image-level labels, so lesion-free images come out empty far more often than from the
-segmentation head alone. Gating is skipped while the presence head has never seen a label.
+**Gating.** ``predict`` returns ``gate_prediction(pred, threshold, use_segmentation)`` (options
+``gate_threshold``, default 0.5, 0 disables it; ``gate_segmentation``): lesion class k is
+removed (its probability moved to background) from every image whose evidence for k is below
+the threshold. The evidence is the presence head's probability, or with ``gate_segmentation``
+the geometric mean of it and the segmentation's strongest pixel of k (`gate_evidence`): two
+detectors that must agree, so a lesion the segmenter is sure of survives a hesitant presence
+head (kept down to presence 0.25), while a weak spot on an image the presence head calls
+normal is still removed. The presence head sees image-level labels, so lesion-free images come
+out empty far more often than from the segmentation head alone. Gating is skipped while the
+presence head has never seen a label.
 """
 from __future__ import annotations
 
@@ -101,17 +106,39 @@ def gate_probs(probs: Tensor, presence: Tensor, threshold: float = 0.5) -> Tenso
     return torch.cat([background, lesion], 1)
 
 
-def gate_prediction(pred: Prediction, threshold: float = 0.5) -> Prediction:
-    """`gate_probs` applied to a prediction: the argmax of a gated image has no pixel of a
-    removed class. CAMs, presence and features are kept.
+def gate_evidence(probs: Tensor, presence: Tensor, use_segmentation: bool = True) -> Tensor:
+    """Evidence that lesion class k is in an image, the quantity gating compares with its
+    threshold: the presence probability, or with ``use_segmentation`` the geometric mean of it
+    and the segmentation's strongest pixel of k.
+
+    Args:
+        probs: (B, K+1, ...) softmax probabilities (ungated).
+        presence: (B, K) presence probabilities.
+        use_segmentation: combine with the segmentation's evidence.
+
+    Returns:
+        (B, K) in [0, 1].
+    """
+    if not use_segmentation:
+        return presence
+    seg = probs[:, 1:].flatten(2).amax(2)  # (B, K)
+    return (presence * seg).clamp_min(0).sqrt()
+
+
+def gate_prediction(pred: Prediction, threshold: float = 0.5,
+                    use_segmentation: bool = True) -> Prediction:
+    """`gate_probs` applied to a prediction (on `gate_evidence`): the argmax of a gated image
+    has no pixel of a removed class. CAMs, presence and features are kept.
 
     Args:
         pred: a prediction.
-        threshold: presence probability below which a class is removed (0 = no gating).
+        threshold: evidence below which a class is removed (0 = no gating).
+        use_segmentation: see `gate_evidence`.
     """
     if threshold <= 0:
         return pred
-    return replace(pred, probs=gate_probs(pred.probs, pred.presence, threshold))
+    evidence = gate_evidence(pred.probs, pred.presence, use_segmentation)
+    return replace(pred, probs=gate_probs(pred.probs, evidence, threshold))
 
 
 #: Options every method accepts (``TrainConfig.method_options``), with their defaults.
@@ -122,6 +149,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "image_class_weight": 0.5,  # weight of the image-class CE
     "negative_background": True,  # maskless negative images -> all-background target
     "gate_threshold": 0.5,  # see gate_prediction; 0 disables
+    "gate_segmentation": False,  # gate on presence and segmentation together (gate_evidence)
 }
 
 
@@ -282,7 +310,8 @@ class Method(nn.Module):
             if switch:
                 self.train(was_training)
         if gate and int(self.presence_seen) > 0:
-            pred = gate_prediction(pred, float(self.options["gate_threshold"]))
+            pred = gate_prediction(pred, float(self.options["gate_threshold"]),
+                                   bool(self.options["gate_segmentation"]))
         return pred
 
     # --------------------------------------------------------------- helpers

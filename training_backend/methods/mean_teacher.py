@@ -4,8 +4,12 @@ The teacher is an exponential moving average of the student (Tarvainen & Valpola
 every step ``teacher = d * teacher + (1 - d) * student`` with ``d = min(ema_decay, 1 - 1/(step+1))``
 (batch-norm statistics are copied). ``predict`` uses the teacher.
 
-Consistency on ``batch.unlabelled`` (or on the labelled images when a batch has none), with a
-sigmoid ramp-up of its weight over the first ``rampup`` fraction of training:
+Consistency on ``batch.unlabelled`` (every training image without a usable mask, whatever image
+label it has: see ``data.py``), with a sigmoid ramp-up of its weight over the first ``rampup``
+fraction of training. The unlabelled images cost a teacher pass and a longer student pass, so
+they are only paid for when they count: while the weight is below ``skip_below`` of its maximum
+(the start of the ramp-up), and in a project with no maskless image, a step is a supervised
+step (the teacher still follows the student).
 
 * ``cutmix=True`` (default; the perturbation French et al. 2020 found segmentation needs): the
   teacher predicts each unlabelled image as it is (no dropout); the student sees pairs of them
@@ -136,6 +140,7 @@ class MeanTeacher(Method):
         "cutmix": True,  # box-mixed student inputs (False: noise + flips, the original recipe)
         "confidence": 0.9,  # teacher probability for a pseudo-label (0: softmax MSE instead)
         "paste_labelled": False,  # CutMix with labelled images (bidirectional copy-paste)
+        "skip_below": 0.05,  # no unlabelled passes while the weight is below this share of its max
     }
     #: share of the image a CutMix box covers (min, max)
     CUTMIX_AREA = (0.25, 0.5)
@@ -157,12 +162,24 @@ class MeanTeacher(Method):
             return confident_ce(student_logits, teacher_probs, threshold, valid)
         return softmax_mse(student_logits, teacher_probs, valid)
 
+    def consistency_weight(self, progress: float) -> float:
+        """The consistency weight at this point of training (sigmoid ramp-up to ``consistency``).
+
+        Args:
+            progress: fraction of training done.
+        """
+        o = self.options
+        return o["consistency"] * sigmoid_rampup(progress / o["rampup"] if o["rampup"] > 0 else 1.0)
+
     def training_step(self, batch: Batch, step: int, progress: float) -> dict[str, Tensor]:
         o = self.options
         n = len(batch)
-        u = batch.unlabelled if batch.unlabelled is not None and len(batch.unlabelled) > 0 else batch.image  # (U, C, S, S)
-        paste = bool(o["cutmix"] and o["paste_labelled"] and batch.unlabelled is not None
-                     and len(u) <= n)
+        weight = self.consistency_weight(progress)
+        if (batch.unlabelled is None or len(batch.unlabelled) == 0
+                or weight < o["skip_below"] * o["consistency"]):
+            return self.supervised_losses(self.net(batch.image), batch)  # nothing to pay for yet
+        u = batch.unlabelled  # (U, C, S, S)
+        paste = bool(o["cutmix"] and o["paste_labelled"] and len(u) <= n)
         valid = None
         if o["cutmix"]:
             box = cutmix_boxes(len(u), tuple(u.shape[-2:]), self.CUTMIX_AREA, u.device)  # (U, 1, S, S)
@@ -199,7 +216,6 @@ class MeanTeacher(Method):
         if not o["cutmix"]:  # a mixed image's presence is not the teacher's
             consistency = consistency + F.mse_loss(torch.sigmoid(out.presence_logits[n:]),
                                                    torch.sigmoid(t.presence_logits))
-        weight = o["consistency"] * sigmoid_rampup(progress / o["rampup"] if o["rampup"] > 0 else 1.0)
         losses["loss"] = losses["loss"] + weight * consistency
         losses["consistency"] = consistency.detach()
         return losses
