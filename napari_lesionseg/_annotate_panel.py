@@ -101,6 +101,8 @@ class AnnotatePanel(QWidget):
         self._baseline_kind = "sparse"
         self._baseline_version: int | None = None
         self._pending_source = "manual"
+        # an empty full mask to be saved as it is (lesion-free confirmed, not "nothing painted")
+        self._confirm_empty = False
         self._preferred_kind = "sparse"
         self._token = 0
         self._shape: tuple[int, ...] | None = None
@@ -175,6 +177,9 @@ class AnnotatePanel(QWidget):
         self._edit_btn = QPushButton("Edit prediction (⇧A)")
         self._edit_btn.setToolTip("Copy the prediction into the annotation layer to correct it")
         self._edit_btn.clicked.connect(lambda: self.edit_prediction())
+        self._free_btn = QPushButton("Lesion-free (F)")
+        self._free_btn.setToolTip("Confirm that this image has no lesion: saves an empty full mask")
+        self._free_btn.clicked.connect(lambda: self.mark_lesion_free())
         self._undo_btn = QPushButton("Undo last save")
         self._undo_btn.setToolTip("Restore the previous saved version (history is kept)")
         self._undo_btn.clicked.connect(lambda: self.undo_save())
@@ -182,8 +187,9 @@ class AnnotatePanel(QWidget):
         self._save_btn.clicked.connect(lambda: self.save_now())
         actions.addWidget(self._accept_btn, 0, 0)
         actions.addWidget(self._edit_btn, 0, 1)
-        actions.addWidget(self._undo_btn, 1, 0)
-        actions.addWidget(self._save_btn, 1, 1)
+        actions.addWidget(self._free_btn, 1, 0)
+        actions.addWidget(self._undo_btn, 1, 1)
+        actions.addWidget(self._save_btn, 2, 1)
         lay.addLayout(actions)
 
         toggles = QHBoxLayout()
@@ -208,6 +214,7 @@ class AnnotatePanel(QWidget):
 
     def _set_enabled(self, enabled: bool) -> None:
         for w in (self._sparse, self._full, self._accept_btn, self._edit_btn, self._undo_btn,
+                  self._free_btn,
                   self._save_btn, *self._label_buttons.values(), *self._presence.values(),
                   *self._paint_group.buttons()):
             w.setEnabled(enabled)
@@ -316,6 +323,7 @@ class AnnotatePanel(QWidget):
         mask = np.asarray(mask, dtype=np.uint8)
         self._baseline, self._baseline_kind, self._baseline_version = mask.copy(), kind, version
         self._pending_source = "manual"
+        self._confirm_empty = False
         layer = self.layers.show_annotation(mask.copy(), self._colormap)
         self._connect_layer(layer)
         self._set_kind_widgets(kind)
@@ -508,7 +516,7 @@ class AnnotatePanel(QWidget):
         mask = self.current_mask()
         if mask is None:
             return False
-        if self._baseline_version is None and not mask.any():
+        if self._baseline_version is None and not mask.any() and not self._confirm_empty:
             return False  # nothing painted on a never-annotated case
         return self.kind() != self._baseline_kind or not np.array_equal(mask, self._baseline)
 
@@ -529,6 +537,7 @@ class AnnotatePanel(QWidget):
             return None
         self._baseline, self._baseline_kind, self._baseline_version = mask, kind, av.version
         self._pending_source = "manual"
+        self._confirm_empty = False
         self._record = project.case(cid)
         if cid == self.state.case_id:
             self._update_header()
@@ -575,6 +584,18 @@ class AnnotatePanel(QWidget):
             return None
         return self.save_now()
 
+    def mark_lesion_free(self) -> AnnotationVersion | None:
+        """Save an empty full mask: the clinician confirms the image has no lesion (a full
+        annotation that trains the segmenter to leave such images empty)."""
+        layer = self.layers.get(ANNOTATION, Labels)
+        if self._cid is None or layer is None or self._baseline is None:
+            return None
+        self._set_kind_widgets("full")
+        layer.data = np.zeros(self._baseline.shape, np.uint8)
+        self._pending_source = "manual:lesion-free"
+        self._confirm_empty = True
+        return self.save_now()
+
     def edit_prediction(self) -> Outputs | None:
         """Copy the prediction into the annotation layer (full mask) for correction."""
         outputs = self._prediction_or_warn()
@@ -586,6 +607,8 @@ class AnnotatePanel(QWidget):
         self._set_kind_widgets("full")
         layer.data = np.asarray(outputs.pred, dtype=np.uint8).copy()
         self._pending_source = f"prediction:{outputs.output_id}"
+        # an empty prediction accepted is a lesion-free confirmation, worth saving
+        self._confirm_empty = not bool(np.any(layer.data))
         self._save_status.setText("editing the prediction — autosaves")
         self._schedule_save()
         return outputs

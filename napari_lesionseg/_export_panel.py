@@ -27,15 +27,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMATS = ("png", "tiff", "nifti", "zarr")
 SOURCES = ("annotation", "prediction", "reference")
+#: (label, ``export_masks`` values) of the pixel-value choices
+VALUES = (("class indices", "index"), ("viewable 0/255", "binary"), ("class colours (RGB)", "color"))
 
 
 def _export_in_worker(project_path: str, out_dir: str, fmt: str, source: str,
-                      on_progress: Callable[[int, int], None]) -> ExportReport:
+                      on_progress: Callable[[int, int], None], values: str = "index") -> ExportReport:
     from training_backend.export import export_masks
     from training_backend.store import Project
 
     project = Project.open(project_path, mode="r")
-    return export_masks(project, out_dir, fmt=fmt, source=source, on_progress=on_progress)
+    return export_masks(project, out_dir, fmt=fmt, source=source, on_progress=on_progress,
+                        values=values)
 
 
 class ExportPanel(QWidget):
@@ -69,12 +72,19 @@ class ExportPanel(QWidget):
         self._source.addItems(SOURCES)
         self._source.setToolTip("annotation: latest saved version · prediction: latest model "
                                 "output · reference: hidden reference masks")
+        self._values = QComboBox()
+        for label, value in VALUES:
+            self._values.addItem(label, value)
+        self._values.setToolTip("class indices: for pipelines (look black in an image viewer) · "
+                                "0/255: any lesion white · class colours: RGB, png/tiff only")
+        self._values.currentIndexChanged.connect(self._on_values)
         self._export_btn = QPushButton("Export masks")
         self._export_btn.clicked.connect(lambda: self.export())
         row2.addWidget(self._format)
         row2.addWidget(self._source)
-        row2.addWidget(self._export_btn, 1)
+        row2.addWidget(self._values)
         lay.addLayout(row2)
+        lay.addWidget(self._export_btn)
         self._bar = QProgressBar()
         self._bar.setVisible(False)
         lay.addWidget(self._bar)
@@ -84,6 +94,14 @@ class ExportPanel(QWidget):
         lay.addWidget(self._summary)
         state.project_changed.connect(self._on_project)
         self._on_project(state.project)
+
+    def _on_values(self, *_args) -> None:
+        """Colour masks are RGB images: only png and tiff hold them."""
+        colour = self._values.currentData() == "color"
+        for i, fmt in enumerate(FORMATS):
+            self._format.model().item(i).setEnabled(not colour or fmt in ("png", "tiff"))
+        if colour and self._format.currentText() not in ("png", "tiff"):
+            self._format.setCurrentText("png")
 
     def _on_project(self, project) -> None:
         self._export_btn.setEnabled(project is not None)
@@ -96,7 +114,7 @@ class ExportPanel(QWidget):
             self._folder.setText(path)
 
     def export(self, out_dir: str | None = None, fmt: str | None = None,
-               source: str | None = None) -> None:
+               source: str | None = None, values: str | None = None) -> None:
         """Export in a worker; arguments default to the widgets' values."""
         project = self.state.project
         if project is None:
@@ -106,13 +124,14 @@ class ExportPanel(QWidget):
             self._summary.setText("choose an output folder first")
             return
         fmt, source = fmt or self._format.currentText(), source or self._source.currentText()
+        values = values or self._values.currentData()
         self.state.save_requested.emit()
         self._export_btn.setEnabled(False)
         self._bar.setVisible(True)
         self._bar.setValue(0)
         self._activity = progress(total=0, desc=f"Exporting {source} masks")
         run_task(_export_in_worker, str(project.path), out_dir, fmt, source,
-                 progress_relay(self._on_progress), on_done=self._on_done,
+                 progress_relay(self._on_progress), values, on_done=self._on_done,
                  on_finish=self._on_finish)
 
     def _on_progress(self, done: int, total: int) -> None:

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -45,6 +45,12 @@ REAP_INTERVAL_MS = 200
 REAP_TIMEOUT_S = 30.0
 #: Default method when the labels allow it (masks or scribbles); otherwise the first available.
 PREFERRED_METHOD = "supervised"
+#: The best measured method for a project without masks or scribbles, only image labels (the
+#: BUSI benchmark in the README: `cam` is the one method that learns masks from image labels).
+IMAGE_LABEL_METHOD = "cam"
+#: What each kind of annotation is called in the panel.
+KIND_NAMES = {"full": "full masks", "sparse": "scribbles", "image_label": "image labels",
+              "unlabelled": "unlabelled images"}
 AUTO_BUDGET_S = 15  # seconds of fine-tuning in an automatic retrain
 
 
@@ -69,17 +75,29 @@ class TrainSettings(dict):
         return self.get("model_id")
 
 
-_METHOD_TABLE: list[tuple[str, tuple[str, ...], str]] | None = None
+class MethodInfo(NamedTuple):
+    """What the panel knows of a registered method."""
+
+    name: str
+    requires: tuple[str, ...]   # at least one of these kinds must be present
+    description: str
+    uses: tuple[str, ...]       # the kinds of annotation it learns from
+
+
+_METHOD_TABLE: list[MethodInfo] | None = None
 _METHOD_TABLE_CODE = (
     "import json\n"
     "from training_backend.methods import METHODS\n"
-    "print(json.dumps([[n, list(c.supervision.requires), c.description]"
+    "def uses(s):\n"
+    "    return [k for k, on in (('full', s.full_masks), ('sparse', s.sparse_masks),"
+    " ('image_label', s.image_labels), ('unlabelled', s.unlabelled)) if on]\n"
+    "print(json.dumps([[n, list(c.supervision.requires), c.description, uses(c.supervision)]"
     " for n, c in METHODS.items()]))\n"
 )
 
 
-def method_table() -> list[tuple[str, tuple[str, ...], str]]:
-    """``(name, requires, description)`` of every registered method.
+def method_table() -> list[MethodInfo]:
+    """A `MethodInfo` of every registered method.
 
     The registry imports torch, so it is read once in a short-lived child interpreter (the GUI
     process stays torch-free) and cached. Runs in a worker thread.
@@ -91,7 +109,8 @@ def method_table() -> list[tuple[str, tuple[str, ...], str]]:
 
         root = str(Path(training_backend.__file__).resolve().parent.parent)
         out = run_child([sys.executable, "-c", _METHOD_TABLE_CODE], pythonpath=root)
-        _METHOD_TABLE = [(str(n), tuple(req), str(desc)) for n, req, desc in json.loads(out)]
+        _METHOD_TABLE = [MethodInfo(str(n), tuple(req), str(desc), tuple(uses))
+                         for n, req, desc, uses in json.loads(out)]
     return list(_METHOD_TABLE)
 
 
@@ -100,10 +119,36 @@ def supervision_counts(project: Project) -> dict[str, int]:
     return project.supervision_counts()
 
 
-def available(table: list[tuple[str, tuple[str, ...], str]], counts: dict[str, int]) -> list[str]:
+def available(table: list[MethodInfo], counts: dict[str, int]) -> list[str]:
     """Methods whose ``requires`` (at least one kind present) is met by ``counts``."""
-    return [name for name, requires, _d in table
-            if not requires or any(counts.get(kind, 0) > 0 for kind in requires)]
+    return [m.name for m in table
+            if not m.requires or any(counts.get(kind, 0) > 0 for kind in m.requires)]
+
+
+def recommended(names: list[str], counts: dict[str, int]) -> str | None:
+    """The best measured method for what the project holds: `supervised` once there are
+    masks or scribbles, `cam` with image labels only, else the first available."""
+    if PREFERRED_METHOD in names and (counts.get("full", 0) or counts.get("sparse", 0)):
+        return PREFERRED_METHOD
+    if IMAGE_LABEL_METHOD in names and counts.get("image_label", 0):
+        return IMAGE_LABEL_METHOD
+    return names[0] if names else None
+
+
+def usage_note(info: MethodInfo, counts: dict[str, int], table: list[MethodInfo]) -> str:
+    """Which of the project's annotations a method learns from, and which it leaves unused
+    (and which available method would use them)."""
+    present = [k for k in KIND_NAMES if counts.get(k, 0) > 0]
+    used = [f"{counts[k]} {KIND_NAMES[k]}" for k in present if k in info.uses]
+    unused = [k for k in present if k not in info.uses]
+    text = f"{info.name} uses " + (", ".join(used) if used else "none of your annotations")
+    if unused:
+        text += "; not used: " + ", ".join(f"{counts[k]} {KIND_NAMES[k]}" for k in unused)
+        better = [m.name for m in table if m.name != info.name
+                  and set(unused) & set(m.uses) and m.name in available(table, counts)]
+        if better:
+            text += f" ({' or '.join(better[:2])} would use them)"
+    return text
 
 
 class TrainerPanel(QWidget):
@@ -117,7 +162,9 @@ class TrainerPanel(QWidget):
         super().__init__(parent)
         self.state = state
         self.process = None                     # the running TrainerProcess
-        self._methods: list[tuple[str, tuple[str, ...], str]] | None = None
+        self._methods: list[MethodInfo] | None = None
+        self._user_method: str | None = None    # a method the user picked (else: recommended)
+        self._counts: dict[str, int] = {}
         self._names: list[str] = []
         self._cancel_sent = False
         self._loss_text = ""
@@ -125,6 +172,7 @@ class TrainerPanel(QWidget):
         self._run_points: list[tuple[int, float]] = []
         self._model_id: str | None = None
         self._last_dice: float | None = None
+        self._folded_at: int | None = None  # step the validation cases joined the training
         self._n_labelled: int | None = None
         self.events_seen: list[Any] = []        # every event of the current run (tests, debugging)
         self._timer = QTimer(self)
@@ -145,7 +193,13 @@ class TrainerPanel(QWidget):
         form.setContentsMargins(0, 0, 0, 0)
         self._method = QComboBox()
         self._method.setToolTip("Only methods whose supervision your labels meet are listed")
+        self._method.activated.connect(lambda _i: self._on_method_picked())
+        self._method.currentTextChanged.connect(lambda _t: self._show_usage())
         form.addRow("Method", self._method)
+        self._method_note = QLabel("")
+        self._method_note.setWordWrap(True)
+        self._method_note.setStyleSheet("color: #9aa4b1; font-size: 11px;")
+        form.addRow(self._method_note)
         row = QHBoxLayout()
         self._device = QComboBox()
         self._device.addItems(DEVICES)
@@ -237,23 +291,31 @@ class TrainerPanel(QWidget):
         current = self._method.currentText()
         self._method.clear()
         self._names = []
+        self._method_note.setText("")
         if project is None:
             return
         if self._methods is None:
             self._method.addItem("(loading methods…)")
             self._method.setEnabled(False)
             return
-        counts = supervision_counts(project)
+        counts = self._counts = supervision_counts(project)
         names = self._names = available(self._methods, counts)
-        desc = {n: d for n, _r, d in self._methods}
+        info = {m.name: m for m in self._methods}
+        self._method.blockSignals(True)
         for i, name in enumerate(names):
             self._method.addItem(name)
-            self._method.setItemData(i, desc.get(name, ""), Qt.ItemDataRole.ToolTipRole)
+            tip = info[name].description + "\n" + usage_note(info[name], counts, self._methods)
+            self._method.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+        # the method follows the annotations unless the user picked one that still can train
+        if self._user_method in names:
+            self._method.setCurrentText(self._user_method)
+        elif (best := recommended(names, counts)) is not None:
+            self._method.setCurrentText(best)
+        self._method.blockSignals(False)
+        if self._method.currentText() != current:
+            logger.debug("method %s -> %s", current, self._method.currentText())
+        self._show_usage()
         self._method.setEnabled(bool(names) and not self.state.training)
-        if current in names:
-            self._method.setCurrentText(current)
-        elif PREFERRED_METHOD in names:
-            self._method.setCurrentText(PREFERRED_METHOD)
         self._start_btn.setEnabled(bool(names) and not self.state.training)
         if not names:
             self._status.setText("No method can train yet: give some cases an image label, "
@@ -263,6 +325,20 @@ class TrainerPanel(QWidget):
             self._status.setText(f"labels: {c.get('full', 0)} full · {c.get('sparse', 0)} sparse · "
                                  f"{c.get('image_label', 0)} image labels · "
                                  f"{c.get('unlabelled', 0)} unlabelled")
+
+    def _on_method_picked(self) -> None:
+        """The user chose a method in the combo: keep it while it can train."""
+        name = self._method.currentText()
+        if name in self._names:
+            self._user_method = name if name != recommended(self._names, self._counts) else None
+        self._show_usage()
+
+    def _show_usage(self) -> None:
+        """Under the combo: which annotations the chosen method uses, and which it does not."""
+        info = {m.name: m for m in (self._methods or [])}
+        name = self._method.currentText()
+        self._method_note.setText(usage_note(info[name], self._counts, self._methods)
+                                  if name in info and name in self._names else "")
 
     def available_methods(self) -> list[str]:
         """Methods the current labels can train (empty until the registry is loaded)."""
@@ -277,6 +353,7 @@ class TrainerPanel(QWidget):
             self._finish_run(wait=False)
             show_info("Training stopped because another project was opened; the model so far "
                       "is saved with its project.")
+        self._user_method = None  # another project: the method follows its annotations
         self._update_methods()
         self._run_points = []
         self.curve.set_points(self._history_points(project))
@@ -311,6 +388,7 @@ class TrainerPanel(QWidget):
         """
         if method is not None:
             self._method.setCurrentText(method)
+            self._on_method_picked()
         if device is not None:
             self._device.setCurrentText(device)
         if budget_s is not None:
@@ -363,6 +441,7 @@ class TrainerPanel(QWidget):
         self.process = proc
         self.events_seen = []
         self._last_dice = None
+        self._folded_at = None
         self._loss_text = ""
         self._n_labelled = None
         self._model_id = None
@@ -458,6 +537,9 @@ class TrainerPanel(QWidget):
         elif isinstance(event, ev.Validation):
             self._last_dice = event.dice
             self._show_metrics()
+        elif isinstance(event, ev.ValidationFolded):
+            self._folded_at = event.step
+            self._show_metrics()
         elif isinstance(event, ev.RoundFinished):
             self._n_labelled = event.n_annotations
             if event.dice is not None:
@@ -495,6 +577,9 @@ class TrainerPanel(QWidget):
         text = self._loss_text
         if self._last_dice is not None:
             text += f" · validation Dice {self._last_dice:.3f}"
+            if self._folded_at is not None:
+                # the score stays the one measured before those cases were trained on
+                text += f" (step {self._folded_at}; its cases are trained on from there)"
         self._metrics.setText(text.strip(" ·"))
 
     # ------------------------------------------------------------------ auto-retrain

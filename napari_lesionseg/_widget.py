@@ -136,6 +136,7 @@ class LesionWorkspace(QWidget):
         bind("Shift-N", lambda: ws.cases_panel.previous_case(), "previous case")
         bind("a", lambda: ws.annotate_panel.accept_prediction(), "accept prediction")
         bind("Shift-A", lambda: ws.annotate_panel.edit_prediction(), "edit prediction")
+        bind("f", lambda: ws.annotate_panel.mark_lesion_free(), "mark lesion-free")
         bind("h", lambda: ws.annotate_panel.toggle_model_layers(), "toggle model layers")
         for k in range(10):
             bind(f"Alt-{k}", lambda k=k: ws.annotate_panel.on_key_alt_digit(k),

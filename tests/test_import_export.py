@@ -11,7 +11,8 @@ from PIL import Image
 from training_backend import io
 from training_backend.errors import InputError
 from training_backend.export import export_masks
-from training_backend.importer import import_csv, import_folder
+from training_backend.importer import (check_csv, column_summary, guess_label_column, import_csv,
+                                       import_folder, read_csv_table)
 from training_backend.store import BACKGROUND, Project
 
 H, W = 24, 32
@@ -193,6 +194,35 @@ def test_bad_rows_are_skipped_and_reported_good_rows_imported(project, tmp_path)
     assert not report.ok and report.summary() == "imported 1 of 7, 6 skipped"
 
 
+def test_csv_preview_guesses_the_label_column_by_content_and_counts_skips(project, tmp_path):
+    """BUSI's layout: ``label`` holds 0/1 codes, ``cls`` the class names; the guess is ``cls``,
+    and choosing ``label`` is flagged before importing (every row would be skipped)."""
+    root = tmp_path / "busi"
+    root.mkdir()
+    rows = []
+    for i in range(5):
+        Image.fromarray(_image(i)).save(root / f"im{i}.png")
+        rows.append([f"im{i}.png", ["normal", "lesion"][i % 2], i % 2, "train" if i else "bogus"])
+    rows.append(["gone.png", "lesion", 1, ""])
+    table = read_csv_table(write_csv(root / "labels.csv", ["image", "label", "cls", "split"],
+                                     [[r[0], r[2], r[1], r[3]] for r in rows]))
+    assert guess_label_column(table, ["normal", "lesion"]) == "cls"
+    assert guess_label_column(table, ["benign"]) is None
+    assert column_summary(table, "cls") == "normal, lesion (2 distinct)"
+    assert column_summary(table, "image") == "im0.png, im1.png, im2.png … (6 distinct)"
+    good = check_csv(project, table, "image", label_col="cls")
+    assert (good.n_rows, good.n_skipped, good.problems) == (6, 1, {"image file not found": 1})
+    assert good.summary() == "6 rows: 5 will be imported, 1 skipped (image file not found: 1)"
+    bad = check_csv(project, table, "image", label_col="label", split_col="split")
+    assert bad.problems == {"image file not found": 1, "label '0' is not an image class": 3,
+                            "label '1' is not an image class": 2}
+    assert bad.summary().startswith("6 rows: 0 will be imported, 6 skipped (label '0' is not")
+    # what the check predicts is what the import does
+    report = import_csv(project, table.path, mask_cols=[], label_col="cls", split_col="split")
+    assert len(report.imported) == 4 and len(report.skipped) == 2  # + the bad split value
+    assert check_csv(project, table, "image", label_col="cls", split_col="split").n_skipped == 2
+
+
 def test_missing_columns_and_unknown_classes_import_nothing(project, dataset):
     csv_path, _ = dataset
     import_csv(project, csv_path, mask_cols=MASK_COLS, label_col="grade")
@@ -337,6 +367,44 @@ def test_import_then_export_is_pixel_exact(project, dataset, tmp_path, fmt, suff
     meta = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert meta["classes"] == {"1": "MA", "2": "HE"} and meta["file_format"] == fmt
     assert len(meta["cases"]) == 3
+
+
+def test_export_viewable_values_binary_and_colour_with_sidecars(project, tmp_path):
+    Image.fromarray(_image(3)).save(tmp_path / "scan.png")
+    import_folder(project, tmp_path)
+    (cid,) = project.case_ids()
+    sparse = np.zeros((H, W), np.uint8)
+    sparse[0:2] = BACKGROUND                    # painted background
+    sparse[5:7, 5:7] = 1                        # MA
+    sparse[10:12, 10:12] = 2                    # HE
+    project.save_annotation(cid, sparse, "sparse")
+    project.update_meta(colors={"MA": "#ff0000", "HE": "#00ff80"})
+
+    binary = export_masks(project, tmp_path / "bin", values="binary")
+    got = io.read_image(binary.exported[0][1])
+    expected = np.zeros((H, W), np.uint8)
+    expected[5:7, 5:7] = expected[10:12, 10:12] = 255   # every lesion class white, bg black
+    np.testing.assert_array_equal(got, expected)
+    meta = json.loads((tmp_path / "bin" / "provenance.json").read_text(encoding="utf-8"))
+    assert meta["values"] == "binary" and set(meta["pixel_values"]) == {"0", "255"}
+
+    colour = export_masks(project, tmp_path / "rgb", fmt="tiff", values="color")
+    rgb = io.read_image(colour.exported[0][1])
+    assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
+    assert rgb[5, 5].tolist() == [255, 0, 0] and rgb[10, 10].tolist() == [0, 255, 128]
+    assert rgb[0, 0].tolist() == [64, 64, 64] and rgb[20, 20].tolist() == [0, 0, 0]
+    meta = json.loads((tmp_path / "rgb" / "provenance.json").read_text(encoding="utf-8"))
+    assert meta["values"] == "color"
+    assert meta["pixel_values"]["#ff0000"] == "MA" and meta["pixel_values"]["#00ff80"] == "HE"
+
+    assert export_masks(project, tmp_path / "idx").summary().startswith("exported 1")
+    assert json.loads((tmp_path / "idx" / "provenance.json").read_text())["values"] == "index"
+    for fmt in ("nifti", "zarr"):                # RGB has no place in a label volume
+        with pytest.raises(InputError, match="png or tiff"):
+            export_masks(project, tmp_path / fmt, fmt=fmt, values="color")
+    with pytest.raises(InputError, match="unknown mask values"):
+        export_masks(project, tmp_path / "x", values="rainbow")
+    assert not (tmp_path / "nifti").exists() and not (tmp_path / "x").exists()
 
 
 def test_export_keeps_previous_files_and_handles_sparse_and_collisions(project, tmp_path):

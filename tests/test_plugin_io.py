@@ -102,3 +102,24 @@ def test_installed_manifest_validates_with_its_imports():
         "get_reader", "write_labels", "make_sample_data", "make_workspace"}
     pm.validate_imports()  # raises if a python_name does not resolve
     assert [w.display_name for w in pm.contributions.widgets] == ["Lesion workspace"]
+
+
+def test_reader_claims_only_projects_and_the_medical_formats(tmp_path, tiny_project):
+    """napari offers our reader for project folders, DICOM and NIfTI only: a PNG keeps
+    napari's own reader alone (no "choose a reader" question), a .txt is never offered to us."""
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+
+    def ours(path) -> bool:
+        return "napari-lesionseg" in {r.plugin_name for r in pm.iter_compatible_readers([str(path)])}
+
+    for name in ("scan.png", "photo.JPG", "slide.tif", "notes.txt", "table.csv", "other.json"):
+        (tmp_path / name).write_bytes(b"x")
+        assert not ours(tmp_path / name), name
+    for name in ("ct.dcm", "brain.nii", "brain.nii.gz", "study.DCM"):
+        (tmp_path / name).write_bytes(b"x")
+        assert ours(tmp_path / name), name
+    assert ours(tiny_project.path) and ours(tiny_project.path / "project.json")
+    assert get_reader(str(tmp_path)) is None   # a plain folder is offered, then declined

@@ -190,6 +190,41 @@ def test_model_layers_accept_and_edit_prediction(workspace, qtbot, sample_projec
     assert not (edited == 1).any()
 
 
+def test_lesion_free_is_saved_as_an_empty_full_mask(workspace, qtbot, sample_project):
+    """Accepting an empty prediction, or "Lesion-free" (F), saves an empty full mask on a case
+    that had none; an untouched case with nothing painted still saves nothing."""
+    ws = workspace
+    ws.open_project(sample_project)
+    ann = ws.annotate_panel
+    first, second = ws.project.case_ids()[:2]
+    h, w = ws.project.case(first).shape
+    k = len(ws.project.classes)
+    prob = np.zeros((k + 1, h, w), np.float32)
+    prob[0] = 1.0                                  # the model sees no lesion at all
+    output_id = ws.project.write_outputs(first, "test-model", np.zeros((h, w), np.uint8), prob,
+                                         np.zeros((k, h, w), np.float32),
+                                         np.zeros((h, w), np.float32), {"presence": [0.0] * k},
+                                         np.zeros(16, np.float32))
+    ws.project.refresh()
+    show(ws, qtbot, first)
+    qtbot.waitUntil(lambda: ann.shown_output_id == output_id, timeout=5_000)
+    assert ann.save_now() is None                  # nothing painted: nothing to save
+    version = ann.accept_prediction()
+    assert version is not None and version.kind == "full"
+    mask, _ = ws.project.read_annotation(first)
+    assert mask.shape == (h, w) and not mask.any()
+    assert ws.project.case(first).status == "full"
+
+    layer = show(ws, qtbot, second)               # no prediction here: the button (key F)
+    layer.paint((5, 5), 1)                         # a stray stroke is replaced
+    ann._free_btn.click()                          # noqa: SLF001 - the "Lesion-free (F)" button
+    mask, av = ws.project.read_annotation(second)
+    assert av.kind == "full" and av.source == "manual:lesion-free" and not mask.any()
+    assert ann.kind() == "full" and not np.asarray(layer.data).any()
+    assert ann.mark_lesion_free() is None          # already saved as such: no new version
+    assert [a.version for a in ws.project.case(second).annotations] == [av.version]
+
+
 def test_next_case_follows_the_ranking_and_previous_goes_back(workspace, qtbot, sample_project):
     project = Project.open(sample_project)
     ids = project.case_ids()
@@ -298,6 +333,21 @@ def test_export_writes_files(workspace, qtbot, sample_project, tmp_path):
     assert (written[5:9, 5:9] == 1).all() and written.sum() == 16
     assert (out / "provenance.csv").is_file()
 
+    panel = ws.export_panel                     # viewable masks: the values combo
+    panel._format.setCurrentText("nifti")       # noqa: SLF001
+    panel._values.setCurrentIndex(2)            # class colours: RGB, png/tiff only
+    assert panel._format.currentText() == "png"
+    assert not panel._format.model().item(2).isEnabled()
+    panel._values.setCurrentIndex(1)            # 0/255
+    panel.last_report = None
+    panel._folder.setText(str(tmp_path / "viewable"))
+    panel._export_btn.click()
+    qtbot.waitUntil(lambda: panel.last_report is not None, timeout=10_000)
+    viewable = io.read_image(panel.last_report.exported[0][1])
+    assert set(np.unique(viewable).tolist()) == {0, 255} and (viewable[5:9, 5:9] == 255).all()
+    meta = (tmp_path / "viewable" / "provenance.json").read_text(encoding="utf-8")
+    assert '"values": "binary"' in meta
+
 
 def test_create_project_and_import_folder(workspace, qtbot, tmp_path):
     from training_backend import io
@@ -317,6 +367,39 @@ def test_create_project_and_import_folder(workspace, qtbot, tmp_path):
     assert names == ["scan (0)", "scan (1)", "scan (2)"]
     ann = ws.annotate_panel
     assert [b.text() for b in ann._paint_group.buttons()] == ["1 lesion", "2 cyst", "0 background"]  # noqa: SLF001
+
+
+def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
+                                                              tiny_project_factory):
+    """Image labels only: `cam`; scribbles saved on a case: the combo moves to `supervised`
+    and says what each method uses. A method the user picks stays while it can train."""
+    project = tiny_project_factory(layout=("label", "label", "negative", "none"))
+    ws = workspace
+    ws.open_project(project.path)
+    trainer = ws.trainer_panel
+    qtbot.waitUntil(lambda: trainer.available_methods() == ["cam"], timeout=10_000)
+    assert trainer._method.currentText() == "cam"                         # noqa: SLF001
+    assert trainer._method_note.text() == ("cam uses 3 image labels; "   # noqa: SLF001
+                                           "not used: 1 unlabelled images")
+    cid = project.case_ids()[0]
+    layer = show(ws, qtbot, cid)
+    layer.paint((10, 10), 1)                       # the clinician scribbles on a case
+    ws.annotate_panel.save_now()
+    qtbot.waitUntil(lambda: "supervised" in trainer.available_methods(), timeout=5_000)
+    assert trainer._method.currentText() == "supervised"                  # noqa: SLF001
+    note = trainer._method_note.text()                                    # noqa: SLF001
+    assert note.startswith("supervised uses 1 scribbles, 3 image labels")
+    assert "not used: 1 unlabelled images (mean_teacher would use them)" in note
+
+    trainer._method.setCurrentText("cam")          # the user picks cam on purpose ...
+    trainer._method.activated.emit(trainer._method.currentIndex())       # noqa: SLF001
+    assert "not used: 1 scribbles" in trainer._method_note.text()        # noqa: SLF001
+    assert "(mean_teacher or supervised would use them)" in trainer._method_note.text()
+    layer = show(ws, qtbot, project.case_ids()[1])
+    layer.paint((12, 12), 1)
+    ws.annotate_panel.save_now()                   # ... and it stays cam after more scribbles
+    qtbot.waitUntil(lambda: "2 scribbles" in trainer._method_note.text(), timeout=5_000)
+    assert trainer._method.currentText() == "cam"                         # noqa: SLF001
 
 
 def test_trainer_runs_in_a_process_and_shows_outputs(workspace, qtbot, tiny_project, monkeypatch):
@@ -466,10 +549,16 @@ def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeyp
     assert ws.project is not None and len(ws.project) == 10
     assert all(r.status == "unlabelled" and r.has_reference for r in ws.project.cases())
 
-    # CSV import: the dialog guesses the mask columns, the user picks the label column
+    # CSV import: the dialog guesses the mask columns by name and the label column by content
     project = ws.project_panel.create_project(tmp_path / "csv", ["MA", "HE", "EX", "SE"],
                                               ["no lesion", "lesion"])
     dialog = CsvImportDialog(project, read_csv_table(sample_manifest_path()))
+    assert dialog.label.currentText() == "dr"
+    assert dialog.label.preview.text() == "lesion, no lesion (2 distinct)"
+    assert dialog.check_line.text() == "10 rows: 10 will be imported"
+    dialog.label.setCurrentText("image_id")     # a wrong choice is flagged before importing
+    assert dialog.check.n_skipped == 10
+    assert dialog.check_line.text().startswith("10 rows: 0 will be imported, 10 skipped (label ")
     dialog.label.setCurrentText("dr")
     kwargs = dialog.kwargs()
     assert kwargs["image_col"] == "image"

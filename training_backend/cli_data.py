@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = subparsers.add_parser(
         "export", help="export masks (annotations, predictions or reference) as files",
         description="Write one mask file per case, named after its source image, with pixel "
-        "values = class indices (sparse annotations keep 0 = unlabelled, 255 = background), plus "
+        "values = class indices (sparse annotations keep 0 = unlabelled, 255 = background; "
+        "--values binary or color for masks that an image viewer shows), plus "
         "provenance.csv and provenance.json. An existing file of the same name is kept, renamed "
         "to NAME.prev-<timestamp>.EXT, never overwritten.")
     e.add_argument("--project", required=True, help="project folder")
@@ -93,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    choices=["annotation", "prediction", "reference"],
                    help="what to export: the latest annotation of each case (default), the "
                    "latest model prediction, or the hidden reference masks")
+    e.add_argument("--values", default="index", choices=["index", "binary", "color"],
+                   help="pixel values: class indices (default), binary 0/255 (any lesion), or "
+                   "the class colours as RGB (png/tiff); the sidecars say which")
     e.add_argument("--quiet", action="store_true", help="no progress line")
     e.set_defaults(func=_export)
 
@@ -270,6 +274,7 @@ def _export(args: argparse.Namespace) -> int:
 
     project = Project.open(args.project, mode="r")
     report = export_masks(project, args.out, fmt=args.format, source=args.source,
+                          values=args.values,
                           on_progress=_Progress("exporting", args.quiet))
     for path in report.kept:
         print(f"kept earlier file as {path.name}", file=sys.stderr)

@@ -2,9 +2,17 @@
 
 One mask per case, named after the stem of the case's source image (``benign (12).png`` ->
 ``benign (12).png`` / ``.tif`` / ``.nii.gz`` / ``.zarr``); cases whose stems collide (case
-insensitively) all get ``_<case id>`` appended. Pixel values are class indices (k = the k-th
-of ``project.classes``); a ``sparse`` annotation keeps its stored meaning, 0 = unlabelled and
-255 = background painted explicitly — the sidecars say which kind each file is.
+insensitively) all get ``_<case id>`` appended. What the pixels hold (``values``):
+
+* ``index`` (default): class indices (k = the k-th of ``project.classes``); a ``sparse``
+  annotation keeps its stored meaning, 0 = unlabelled and 255 = background painted explicitly.
+  Right for pipelines, but a mask of values 0..4 looks black in an image viewer.
+* ``binary``: 255 where any lesion class is, 0 elsewhere (viewable; the classes merge).
+* ``color``: an RGB image, each class in the project's colour on black (PNG / TIFF only; a
+  sparse annotation's painted background is dark grey).
+
+The sidecars say which it is (``values`` and the meaning of every pixel value) and which kind
+each file is.
 
 Beside the masks: ``provenance.csv`` and ``provenance.json`` (one row per exported mask: case
 id, name, file, image path, what was exported, version/output id, kind, author, time, origin,
@@ -31,6 +39,10 @@ from training_backend import io
 from training_backend.errors import InputError
 
 SOURCES = ("annotation", "prediction", "reference")
+#: What exported pixels hold (module docstring).
+VALUES = ("index", "binary", "color")
+#: Colour of a sparse annotation's painted background in ``color`` exports.
+PAINTED_BACKGROUND_RGB = (64, 64, 64)
 PROVENANCE_FIELDS = ("case_id", "name", "file", "image", "mask", "version", "kind", "author",
                      "time", "origin", "model_id")
 
@@ -143,7 +155,56 @@ def _mask_and_provenance(project, cid: str, source: str) -> tuple[np.ndarray, di
                   "origin": "reference", "model_id": ""}
 
 
-def _pixel_values(project, source: str) -> dict[str, str]:
+def _hex_rgb(color: str) -> tuple[int, int, int]:
+    c = color.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def _class_rgb(project) -> list[tuple[int, int, int]]:
+    """RGB of each lesion class (the project's colours, the default palette otherwise)."""
+    from training_backend.store import DEFAULT_COLORS
+
+    colors = project.colors
+    return [_hex_rgb(colors.get(name, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
+            for i, name in enumerate(project.classes)]
+
+
+def viewable(project, mask: np.ndarray, values: str) -> np.ndarray:
+    """A class-index mask as ``values`` asks (module docstring).
+
+    Args:
+        project: the project (its classes and colours).
+        mask: (H, W) uint8 class indices (255 = painted background of a sparse annotation).
+        values: one of `VALUES`.
+
+    Returns:
+        (H, W) uint8 for ``index`` / ``binary``, (H, W, 3) uint8 for ``color``.
+    """
+    if values == "index":
+        return mask
+    lesion = (mask > 0) & (mask <= len(project.classes))
+    if values == "binary":
+        return np.where(lesion, np.uint8(255), np.uint8(0))
+    lut = np.zeros((256, 3), np.uint8)
+    for k, rgb in enumerate(_class_rgb(project), start=1):
+        lut[k] = rgb
+    lut[255] = PAINTED_BACKGROUND_RGB
+    return lut[mask]
+
+
+def _pixel_values(project, source: str, values: str = "index") -> dict[str, str]:
+    if values == "binary":
+        return {"0": "no lesion (background; unlabelled in sparse annotations)",
+                "255": "lesion (any class: " + ", ".join(project.classes) + ")"}
+    if values == "color":
+        out = {"#000000": "background (kind full) / unlabelled (kind sparse)"
+               if source == "annotation" else "background"}
+        for name, rgb in zip(project.classes, _class_rgb(project)):
+            out["#%02x%02x%02x" % rgb] = name
+        if source == "annotation":
+            out["#%02x%02x%02x" % PAINTED_BACKGROUND_RGB] = ("background painted explicitly "
+                                                             "(kind sparse only)")
+        return out
     values = {"0": "background" if source != "annotation"
               else "background (kind full) / unlabelled (kind sparse)"}
     for k, name in enumerate(project.classes, start=1):
@@ -155,7 +216,7 @@ def _pixel_values(project, source: str) -> dict[str, str]:
 
 def export_masks(project, out_dir: str | os.PathLike, fmt: str = "png",
                  source: str = "annotation", on_progress: Callable[[int, int], None] | None = None,
-                 case_ids: list[str] | None = None) -> ExportReport:
+                 case_ids: list[str] | None = None, values: str = "index") -> ExportReport:
     """Write one mask file per case plus ``provenance.csv`` / ``provenance.json``.
 
     Args:
@@ -166,6 +227,7 @@ def export_masks(project, out_dir: str | os.PathLike, fmt: str = "png",
             output's class map) or ``reference`` (the hidden reference masks).
         on_progress: called as ``on_progress(done, total)`` after each case.
         case_ids: restrict to these cases (default: all, in import order).
+        values: ``index`` (class indices), ``binary`` (0/255) or ``color`` (RGB, PNG/TIFF).
 
     Returns:
         :class:`ExportReport`.
@@ -176,6 +238,12 @@ def export_masks(project, out_dir: str | os.PathLike, fmt: str = "png",
     if source not in SOURCES:
         raise InputError(out_dir, f"unknown mask source {source!r}; expected one of "
                                   f"{', '.join(SOURCES)}")
+    if values not in VALUES:
+        raise InputError(out_dir, f"unknown mask values {values!r}; expected one of "
+                                  f"{', '.join(VALUES)}")
+    if values == "color" and fmt not in ("png", "tiff"):
+        raise InputError(out_dir, f"colour masks are RGB images: export them as png or tiff, "
+                                  f"not {fmt}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
@@ -194,19 +262,24 @@ def export_masks(project, out_dir: str | os.PathLike, fmt: str = "png",
             mask, prov = got
             target = out / names[cid]
             _keep_previous(target, stamp, report)
-            io.write_mask(target, mask, fmt)
+            pixels = viewable(project, np.asarray(mask), values)
+            if pixels.ndim == 3:
+                io.write_rgb(target, pixels, fmt)
+            else:
+                io.write_mask(target, pixels, fmt)
             report.exported.append((cid, target))
             rec = project.case(cid)
             rows.append({"case_id": cid, "name": rec.name, "file": names[cid],
                          "image": rec.source or "", "mask": source, **prov})
         if on_progress is not None:
             on_progress(i, len(cids))
-    _write_sidecars(project, out, rows, fmt, source, now, stamp, report)
+    _write_sidecars(project, out, rows, fmt, source, now, stamp, report, values)
     return report
 
 
 def _write_sidecars(project, out: Path, rows: list[dict], fmt: str, source: str,
-                    now: datetime, stamp: str, report: ExportReport) -> None:
+                    now: datetime, stamp: str, report: ExportReport,
+                    values: str = "index") -> None:
     buf = _text_io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=PROVENANCE_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -220,7 +293,8 @@ def _write_sidecars(project, out: Path, rows: list[dict], fmt: str, source: str,
         "mask": source,
         "file_format": fmt,
         "classes": {str(k): c for k, c in enumerate(project.classes, start=1)},
-        "pixel_values": _pixel_values(project, source),
+        "values": values,
+        "pixel_values": _pixel_values(project, source, values),
         "cases": rows,
     }
     if fmt == "nifti":

@@ -472,6 +472,117 @@ def _read_row(project, values: dict[str, str], base: Path, image_path: Path,
                 mask_source=";".join(sources), label=label, presence=presence, split=split)
 
 
+# ----------------------------------------------------------------------------- before importing
+def column_summary(table: CsvTable, column: str, n_first: int = 3) -> str:
+    """``"benign, malignant, normal … (3 distinct)"``: a column's first distinct values and
+    how many distinct non-empty values it has (what a user needs to pick the right column).
+
+    Args:
+        table: the CSV.
+        column: a column of its header.
+        n_first: how many values to show.
+    """
+    seen: list[str] = []
+    for row in table.rows:
+        v = (row.get(column) or "").strip()
+        if v and v not in seen:
+            seen.append(v)
+    if not seen:
+        return "(empty)"
+    first = ", ".join(v if len(v) <= 24 else v[:21] + "…" for v in seen[:n_first])
+    more = " …" if len(seen) > n_first else ""
+    return f"{first}{more} ({len(seen)} distinct)"
+
+
+def guess_label_column(table: CsvTable, image_classes: Sequence[str]) -> str | None:
+    """The column whose values are most often one of ``image_classes`` (by content, not by
+    name: BUSI has ``label`` holding 0/1/2 codes beside ``cls`` holding the class names).
+
+    Ties go to the column with fewer distinct values. None when no column holds a class name.
+
+    Args:
+        table: the CSV.
+        image_classes: the project's image classes.
+    """
+    wanted = set(image_classes)
+    if not wanted or not table.rows:
+        return None
+    best, best_key = None, (0.0, 0)
+    for col in table.header:
+        values = [(r.get(col) or "").strip() for r in table.rows]
+        filled = [v for v in values if v]
+        if not filled:
+            continue
+        share = sum(v in wanted for v in filled) / len(table.rows)
+        key = (share, -len(set(filled)))
+        if share > 0 and key > best_key:
+            best, best_key = col, key
+    return best
+
+
+@dataclass
+class CsvCheck:
+    """What `check_csv` found: rows that would import and, per problem, rows that would not."""
+
+    n_rows: int
+    problems: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.problems.values())
+
+    def summary(self) -> str:
+        """One line, e.g. ``546 rows: 0 will be imported, 546 skipped (label '1' ...: 546)``."""
+        text = f"{self.n_rows} rows: {self.n_rows - self.n_skipped} will be imported"
+        if self.problems:
+            worst = sorted(self.problems.items(), key=lambda kv: -kv[1])
+            shown = "; ".join(f"{why}: {n}" for why, n in worst[:3])
+            more = f"; {len(worst) - 3} more kinds" if len(worst) > 3 else ""
+            text += f", {self.n_skipped} skipped ({shown}{more})"
+        return text
+
+
+def check_csv(project, table: CsvTable, image_col: str,
+              mask_cols: Sequence[tuple[str, str | None]] = (), label_col: str | None = None,
+              split_col: str | None = None) -> CsvCheck:
+    """Count the rows an `import_csv` with these columns would skip, and why, without reading
+    any image (empty cells, missing files, labels that are not image classes, bad splits).
+    Unreadable or mismatched files are found only by the import itself.
+
+    Args:
+        project: the project (its image classes).
+        table: the CSV.
+        image_col, mask_cols, label_col, split_col: as for `import_csv`.
+    """
+    check = CsvCheck(len(table.rows))
+    base = table.path.parent
+    classes = set(project.image_classes)
+
+    def problem(why: str) -> None:
+        check.problems[why] = check.problems.get(why, 0) + 1
+
+    for values in table.rows:
+        cell = (values.get(image_col) or "").strip()
+        if not cell:
+            problem(f"empty {image_col!r} cell")
+            continue
+        if not _resolve(base, cell).is_file():
+            problem("image file not found")
+            continue
+        label = (values.get(label_col) or "").strip() if label_col else ""
+        if label and label not in classes:
+            problem(f"label {label!r} is not an image class")
+            continue
+        raw = (values.get(split_col) or "").strip().lower() if split_col else ""
+        if raw and raw not in _SPLITS:
+            problem(f"split {raw!r} is not train/holdout")
+            continue
+        files = [f for col, _ in mask_cols for f in (values.get(col) or "").split(";") if f.strip()]
+        if any(not _resolve(base, f).exists() for f in files):
+            problem("mask file not found")
+    return check
+
+
 def describe_skipped(report: ImportReport, limit: int | None = None) -> list[str]:
     """Human-readable lines for the skipped rows (``row 12: path: problem``).
 
@@ -486,4 +597,5 @@ def describe_skipped(report: ImportReport, limit: int | None = None) -> list[str
 
 
 __all__ = ["ImportReport", "CsvTable", "read_csv_table", "parse_mask_col", "import_folder",
-           "import_files", "import_csv", "describe_skipped"]
+           "import_files", "import_csv", "describe_skipped", "column_summary",
+           "guess_label_column", "CsvCheck", "check_csv"]

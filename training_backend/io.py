@@ -585,6 +585,39 @@ def _write_zarr_dir(path: Path, mask: np.ndarray) -> None:
         raise
 
 
+def write_rgb(path: str | os.PathLike, image: np.ndarray, fmt: str | None = None) -> Path:
+    """Write an (H, W, 3) uint8 RGB image atomically as PNG or TIFF (a viewable colour mask).
+
+    Args:
+        path: destination (its folder must exist).
+        image: (H, W, 3) uint8.
+        fmt: ``png`` or ``tiff``; None = from the suffix.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    fmt = _mask_format(path, fmt)
+    image = np.ascontiguousarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or image.size == 0:
+        raise ValueError(f"an RGB image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if fmt not in ("png", "tiff"):
+        raise InputError(path, f"RGB images are written as png or tiff, not {fmt}")
+    if not path.parent.is_dir():
+        raise InputError(path.parent, "output folder does not exist")
+    buf = _bytes_io.BytesIO()
+    if fmt == "png":
+        from PIL import Image
+
+        Image.fromarray(image).save(buf, format="PNG", optimize=True)
+    else:
+        import tifffile
+
+        tifffile.imwrite(buf, image, compression="zlib", photometric="rgb")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def write_mask(path: str | os.PathLike, mask: np.ndarray, fmt: str | None = None) -> Path:
     """Write a 2-D uint8 class mask atomically.
 
