@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training_backend.methods.base import Batch, Supervision
+from training_backend.contract import Batch, Supervision
 from training_backend.store import IGNORE, CaseRecord, Project, mask_to_target
 
 #: Fraction of fully annotated cases used for validation (at least 1 when there are ``MIN_FULL_FOR_VAL``).

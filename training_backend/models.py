@@ -18,7 +18,6 @@ blocks, plus before the linear head) stays usable at predict time for MC samplin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -26,84 +25,13 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UnetUpBlock
 from torch import Tensor, nn
 
-from training_backend.errors import InputError
+from training_backend.config import ModelConfig  # noqa: F401  (the architecture; re-exported)
 
 #: Normalisation layers (MONAI names). Batch norm is the default: instance norm fixes each
 #: channel's spatial mean per image, which leaves the globally pooled bottleneck features (the
 #: presence / image-class heads and the diversity features) almost constant across images.
 _NORMS = {"batch": ("batch", {"affine": True}), "instance": ("instance", {"affine": True})}
 _ACT = ("leakyrelu", {"inplace": True, "negative_slope": 0.01})
-_MAX_CHANNELS = 512
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of the networks (saved beside every checkpoint).
-
-    Args:
-        base: channels of the first two encoder levels; level i >= 1 has ``base * 2**(i-1)``
-            (at most 512): with the defaults 16-16-32-64-128, light enough for a CPU.
-        depth: number of downsamplings (the bottleneck has stride ``2**depth``).
-        dropout: dropout probability (bottleneck, deeper decoder blocks, image-class head).
-        norm: ``"batch"`` or ``"instance"``.
-        cam_levels: how many of the deepest encoder levels feed the CAM (1 = bottleneck only).
-        pool_r: sharpness of the log-sum-exp pooling of CAM logits into presence logits
-            (0 = global average pooling; large = max pooling).
-    """
-
-    base: int = 16
-    depth: int = 4
-    dropout: float = 0.1
-    norm: str = "batch"
-    cam_levels: int = 2
-    pool_r: float = 4.0
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.base, int) and self.base >= 1):
-            raise InputError("model.base", f"must be a positive integer, got {self.base!r}")
-        if not (isinstance(self.depth, int) and 1 <= self.depth <= 6):
-            raise InputError("model.depth", f"must be an integer from 1 to 6, got {self.depth!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise InputError("model.dropout", f"must be in [0, 1), got {self.dropout!r}")
-        if self.norm not in _NORMS:
-            raise InputError("model.norm", f"must be one of {sorted(_NORMS)}, got {self.norm!r}")
-        if not (isinstance(self.cam_levels, int) and 1 <= self.cam_levels <= self.depth + 1):
-            raise InputError("model.cam_levels", f"must be an integer from 1 to depth+1 ({self.depth + 1}), got {self.cam_levels!r}")
-        if float(self.pool_r) < 0:
-            raise InputError("model.pool_r", f"must be >= 0, got {self.pool_r!r}")
-
-    @property
-    def channels(self) -> list[int]:
-        """Channels of encoder levels 0..depth."""
-        return [min(self.base * 2 ** max(i - 1, 0), _MAX_CHANNELS) for i in range(self.depth + 1)]
-
-    @property
-    def multiple(self) -> int:
-        """Input sizes are padded to a multiple of this (the bottleneck stride)."""
-        return 2**self.depth
-
-    @property
-    def cam_stride(self) -> int:
-        """Stride (in input pixels) of one CAM cell."""
-        return 2 ** (self.depth - self.cam_levels + 1)
-
-    def to_dict(self) -> dict:
-        """Plain-JSON form."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> ModelConfig:
-        """Build from ``to_dict`` output; missing keys take their defaults.
-
-        Args:
-            d: mapping of field names to values (``None`` = all defaults).
-        """
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError("model", f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**d)
 
 
 class NetOutput(NamedTuple):

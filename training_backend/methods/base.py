@@ -25,66 +25,19 @@ presence head has never seen a label.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import Tensor, nn
 
+from training_backend.config import COMMON_OPTIONS as COMMON_OPTION_SPECS
+from training_backend.config import DATA_KINDS, METHOD_CATALOG, MethodSpec, Supervision
+from training_backend.config import available_methods as _available_in
+from training_backend.contract import Batch, Prediction
 from training_backend.errors import InputError
 from training_backend.losses import image_class_loss, presence_loss, segmentation_losses
 from training_backend.models import ModelConfig, NetOutput, UNet, cam_to_maps, enable_dropout, fold_batch_norm
-
-
-@dataclass(frozen=True)
-class Supervision:
-    """What a method can learn from.
-
-    Args:
-        full_masks, sparse_masks, image_labels, unlabelled: kinds of data the method uses.
-        requires: at least one of these kinds ("full", "sparse", "image_label") must exist.
-    """
-
-    full_masks: bool
-    sparse_masks: bool
-    image_labels: bool
-    unlabelled: bool
-    requires: tuple[str, ...]
-
-
-@dataclass
-class Batch:
-    """One training batch (built by ``data.py``; every tensor on the training device)."""
-
-    image: Tensor  # (B, C, S, S) float32, normalised
-    target: Tensor  # (B, S, S) int64, -1 ignore, 0 background, k lesion class k
-    has_mask: Tensor  # (B,) bool — any non-ignored pixel
-    full: Tensor  # (B,) bool — full annotation
-    image_class: Tensor  # (B,) int64, -1 unknown
-    presence: Tensor  # (B, K) float32 in {1, 0, -1 unknown}
-    unlabelled: Tensor | None = None  # (U, C, S, S) images with no supervision at all
-
-    def to(self, device: torch.device | str) -> Batch:
-        """A copy with every tensor on ``device``.
-
-        Args:
-            device: target device.
-        """
-        return Batch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device)) for f in fields(self)})
-
-    def __len__(self) -> int:
-        return int(self.image.shape[0])
-
-
-@dataclass
-class Prediction:
-    """Model outputs for a batch of images (at the input size)."""
-
-    probs: Tensor  # (B, K+1, H, W) softmax
-    cams: Tensor  # (B, K, H, W) in [0, 1]
-    presence: Tensor  # (B, K) probabilities that lesion class k is present
-    image_class: Tensor | None  # (B, n_image_classes) softmax, or None
-    features: Tensor  # (B, F) pooled encoder features
 
 
 def gate_probs(probs: Tensor, presence: Tensor, threshold: float = 0.5) -> Tensor:
@@ -141,16 +94,9 @@ def gate_prediction(pred: Prediction, threshold: float = 0.5,
     return replace(pred, probs=gate_probs(pred.probs, evidence, threshold))
 
 
-#: Options every method accepts (``TrainConfig.method_options``), with their defaults.
-COMMON_OPTIONS: dict[str, Any] = {
-    "dice_weight": 1.0,  # weight of the soft Dice term
-    "dice_per_image": True,  # Dice per (image, class) as the metric counts it; False: batch Dice
-    "presence_weight": 0.5,  # weight of the presence BCE
-    "image_class_weight": 0.5,  # weight of the image-class CE
-    "negative_background": True,  # maskless negative images -> all-background target
-    "gate_threshold": 0.5,  # see gate_prediction; 0 disables
-    "gate_segmentation": False,  # gate on presence and segmentation together (gate_evidence)
-}
+#: Options every method accepts (``TrainConfig.method_options``), with their defaults (their
+#: help is in ``config.COMMON_OPTIONS``).
+COMMON_OPTIONS: dict[str, Any] = {k: o.default for k, o in COMMON_OPTION_SPECS.items()}
 
 
 def _coerce(name: str, default: Any, value: Any) -> Any:
@@ -189,6 +135,9 @@ class Method(nn.Module):
             an unknown name raises ``InputError`` listing the valid ones.
     """
 
+    #: the method's entry in ``config.METHOD_CATALOG``: `register` copies its name,
+    #: supervision, description and option defaults onto the class
+    spec: ClassVar[MethodSpec | None] = None
     name: ClassVar[str] = ""
     supervision: ClassVar[Supervision]
     description: ClassVar[str] = ""
@@ -393,16 +342,20 @@ class Method(nn.Module):
 # ------------------------------------------------------------------ registry
 METHODS: dict[str, type[Method]] = {}
 
-#: The kinds of labelled data a ``Supervision.requires`` may name.
-DATA_KINDS = ("full", "sparse", "image_label", "unlabelled")
-
-
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to ``METHODS`` under ``cls.name``.
+    """Class decorator adding a method to ``METHODS`` under its name.
+
+    A class with a ``spec`` (its ``config.METHOD_CATALOG`` entry: what the window and the CLI
+    know of it without torch) takes its name, supervision, description and option defaults from
+    it; a class without one (a plug-in outside the catalog) sets them itself.
 
     Args:
-        cls: a ``Method`` subclass with ``name``, ``supervision`` and ``description``.
+        cls: a ``Method`` subclass.
     """
+    if cls.spec is not None:
+        cls.name, cls.supervision = cls.spec.name, cls.spec.supervision
+        cls.description = cls.spec.description
+        cls.default_options = {k: o.default for k, o in cls.spec.options.items()}
     if not cls.name or not isinstance(getattr(cls, "supervision", None), Supervision):
         raise TypeError(f"{cls.__name__} needs a name and a Supervision")
     bad = sorted(set(cls.supervision.requires) - set(DATA_KINDS))
@@ -429,10 +382,13 @@ def create_method(name: str, **kw: Any) -> Method:
 
 
 def available_methods(counts: dict[str, int]) -> list[str]:
-    """Names of the methods whose ``requires`` is met by ``counts``.
+    """Names of the registered methods whose ``requires`` is met by ``counts``
+    (``config.available_methods`` over the registry).
 
     Args:
         counts: number of cases per kind: keys "full", "sparse", "image_label", "unlabelled"
             (missing keys count 0).
     """
-    return sorted(n for n, cls in METHODS.items() if any(counts.get(k, 0) > 0 for k in cls.supervision.requires))
+    specs = {n: METHOD_CATALOG.get(n) or MethodSpec(n, cls.supervision, cls.description)
+             for n, cls in METHODS.items()}
+    return _available_in(counts, specs)

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from training_backend.errors import InputError
-from training_backend.methods.base import Batch, Method, Supervision, register
+from training_backend.config import METHOD_CATALOG
+from training_backend.methods.base import Batch, Method, register
 from training_backend.models import EncoderClassifier, NetOutput, cam_to_maps, pad_to_multiple
 
 
@@ -113,20 +114,7 @@ def _cam_logits(module: nn.Module, image: Tensor) -> Tensor:
 class CAMMethod(Method):
     """Weakly supervised segmentation from image-level labels through refined CAMs."""
 
-    name = "cam"
-    supervision = Supervision(full_masks=False, sparse_masks=False, image_labels=True, unlabelled=False, requires=("image_label",))
-    description = "Image labels only: presence classifier -> multi-scale CAM -> thresholded pseudo-masks -> segmenter."
-    default_options = {
-        "warmup": 0.4,  # fraction of training before the segmenter starts (and the snapshot is taken)
-        "cam_hi": 0.5,  # CAM above: lesion
-        "cam_lo": 0.2,  # CAM below: background
-        "seg_weight": 1.0,  # weight of the pseudo-mask losses after the ramp
-        "superpixels": 0,  # SLIC superpixels for CAM refinement (0 = off)
-        "separate_classifier": False,  # EncoderClassifier beside the U-Net instead of a shared encoder
-        "pseudo_source": "snapshot",  # CAMs for pseudo-masks: classifier frozen at warmup, or "live"
-        "snapshot_ema": 0.995,  # weight average of the snapshot during warmup (0: a plain copy at warmup)
-        "snapshot_refresh": 0.7,  # progress at which the snapshot is re-copied from the classifier once (0: never)
-    }
+    spec = METHOD_CATALOG["cam"]
 
     def __init__(self, in_channels: int, n_classes: int, n_image_classes: int, model=None, **options):
         super().__init__(in_channels, n_classes, n_image_classes, model, **options)

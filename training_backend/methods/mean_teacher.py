@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training_backend.losses import sigmoid_rampup, softmax_mse
-from training_backend.methods.base import Batch, Method, Supervision, register
+from training_backend.config import METHOD_CATALOG
+from training_backend.methods.base import Batch, Method, register
 from training_backend.models import NetOutput, UNet
 
 
@@ -128,20 +129,7 @@ def paste_pairs(unlabelled: Tensor, teacher_probs: Tensor, labelled: Tensor, tar
 class MeanTeacher(Method):
     """Semi-supervised U-Net: supervised losses + EMA-teacher consistency on unlabelled images."""
 
-    name = "mean_teacher"
-    supervision = Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=True, requires=("full", "sparse"))
-    description = ("Supervised losses plus consistency with an EMA teacher on CutMix-perturbed unlabelled images "
-                   "(confident pseudo-labels, sigmoid ramp-up); predicts with the teacher.")
-    default_options = {
-        "ema_decay": 0.99,  # teacher = decay * teacher + (1 - decay) * student
-        "consistency": 1.0,  # maximum consistency weight
-        "rampup": 0.3,  # fraction of training over which the weight ramps up
-        "noise": 0.1,  # std of the Gaussian input noise (images are normalised)
-        "cutmix": True,  # box-mixed student inputs (False: noise + flips, the original recipe)
-        "confidence": 0.9,  # teacher probability for a pseudo-label (0: softmax MSE instead)
-        "paste_labelled": False,  # CutMix with labelled images (bidirectional copy-paste)
-        "skip_below": 0.05,  # no unlabelled passes while the weight is below this share of its max
-    }
+    spec = METHOD_CATALOG["mean_teacher"]
     #: share of the image a CutMix box covers (min, max)
     CUTMIX_AREA = (0.25, 0.5)
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from training_backend.methods.base import Batch, Method, Supervision, register
+from training_backend.config import METHOD_CATALOG
+from training_backend.methods.base import Batch, Method, register
 
 
 @register
 class Supervised(Method):
     """Fully/partially supervised U-Net with presence and image-class heads."""
 
-    name = "supervised"
-    supervision = Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=False, requires=("full", "sparse"))
-    description = "U-Net on full masks (Dice+CE) and scribbles (partial CE); image labels train the presence head that gates empty predictions."
+    spec = METHOD_CATALOG["supervised"]
 
     def __init__(self, in_channels: int, n_classes: int, n_image_classes: int, model=None, **options):
         super().__init__(in_channels, n_classes, n_image_classes, model, **options)

@@ -1,0 +1,82 @@
+"""The layering the code relies on: a torch-free contract layer, no import cycles, one catalog."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "training_backend"
+
+
+def test_config_imports_no_torch():
+    """The window, the CLI's parser and any tool can read the settings and the method catalog
+    without importing torch."""
+    code = ("import sys, training_backend.config as c; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m); "
+            "print(len(c.METHOD_CATALOG), c.TrainConfig().budget)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "300.0"]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every ``training_backend`` module a file imports, at module level or inside functions
+    (lazy imports count too), except under ``if TYPE_CHECKING``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("training_backend"):
+                found.add(child.module)
+                found.update(f"{child.module}.{a.name}" for a in child.names
+                             if f"{child.module}.{a.name}" in modules)
+            elif isinstance(child, ast.Import):
+                found.update(a.name for a in child.names if a.name.startswith("training_backend"))
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return found & modules
+
+
+def test_no_import_cycle_in_the_backend():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: _imports(p, set(files)) - {m} for m, p in files.items()}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def walk(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                walk(dep, path + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [module])
+    # the pairs that used to import each other
+    assert "training_backend.trainer" not in graph["training_backend.inference"]
+    assert "training_backend.methods.base" not in graph["training_backend.data"]
+
+
+def test_catalog_and_registry_agree():
+    from training_backend.config import COMMON_OPTIONS, METHOD_CATALOG
+    from training_backend.methods import METHODS
+
+    assert set(METHOD_CATALOG) == set(METHODS)
+    for name, spec in METHOD_CATALOG.items():
+        cls = METHODS[name]
+        assert cls.spec is spec and cls.name == name and cls.supervision == spec.supervision
+        assert cls.all_default_options() == spec.defaults()
+        assert set(spec.all_options()) >= set(COMMON_OPTIONS)
+        assert all(o.help for o in spec.all_options().values()), name

@@ -1,0 +1,337 @@
+"""The contract layer's settings: what a training run, a model and a method are, without torch.
+
+Everything here is plain data with its defaults in one place, so the window (which never
+imports torch), the CLI, the trainer process and the benchmarks all build the same objects:
+
+* `ModelConfig` — the network architecture (saved beside every checkpoint);
+* `TrainConfig` — one training run (saved as the model's ``config.json``);
+* `Supervision`, `Option`, `MethodSpec` and `METHOD_CATALOG` — every built-in method's name,
+  the annotations it learns from, its description and its options with defaults and help.
+  The method classes (``training_backend.methods``, which need torch) take these from here;
+  a contract test checks that the catalog and the registry agree;
+* `available_methods` — which methods a project's annotations can train.
+
+``python -c "import training_backend.config"`` imports no torch (a test checks it).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from training_backend.errors import InputError
+
+#: Default wall-clock budget when neither ``steps`` nor ``budget_s`` is given.
+DEFAULT_BUDGET_S = 300.0
+#: Normalisation layers a model may use.
+NORMS = ("batch", "instance")
+#: No encoder level has more channels than this.
+MAX_CHANNELS = 512
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """Architecture of the networks (saved beside every checkpoint).
+
+    Args:
+        base: channels of the first two encoder levels; level i >= 1 has ``base * 2**(i-1)``
+            (at most 512): with the defaults 16-16-32-64-128, light enough for a CPU.
+        depth: number of downsamplings (the bottleneck has stride ``2**depth``).
+        dropout: dropout probability (bottleneck, deeper decoder blocks, image-class head).
+        norm: ``"batch"`` or ``"instance"``.
+        cam_levels: how many of the deepest encoder levels feed the CAM (1 = bottleneck only).
+        pool_r: sharpness of the log-sum-exp pooling of CAM logits into presence logits
+            (0 = global average pooling; large = max pooling).
+    """
+
+    base: int = 16
+    depth: int = 4
+    dropout: float = 0.1
+    norm: str = "batch"
+    cam_levels: int = 2
+    pool_r: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.base, int) and self.base >= 1):
+            raise InputError("model.base", f"must be a positive integer, got {self.base!r}")
+        if not (isinstance(self.depth, int) and 1 <= self.depth <= 6):
+            raise InputError("model.depth", f"must be an integer from 1 to 6, got {self.depth!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise InputError("model.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.norm not in NORMS:
+            raise InputError("model.norm", f"must be one of {sorted(NORMS)}, got {self.norm!r}")
+        if not (isinstance(self.cam_levels, int) and 1 <= self.cam_levels <= self.depth + 1):
+            raise InputError("model.cam_levels", f"must be an integer from 1 to depth+1 ({self.depth + 1}), got {self.cam_levels!r}")
+        if float(self.pool_r) < 0:
+            raise InputError("model.pool_r", f"must be >= 0, got {self.pool_r!r}")
+
+    @property
+    def channels(self) -> list[int]:
+        """Channels of encoder levels 0..depth."""
+        return [min(self.base * 2 ** max(i - 1, 0), MAX_CHANNELS) for i in range(self.depth + 1)]
+
+    @property
+    def multiple(self) -> int:
+        """Input sizes are padded to a multiple of this (the bottleneck stride)."""
+        return 2**self.depth
+
+    @property
+    def cam_stride(self) -> int:
+        """Stride (in input pixels) of one CAM cell."""
+        return 2 ** (self.depth - self.cam_levels + 1)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ModelConfig:
+        """Build from ``to_dict`` output; missing keys take their defaults.
+
+        Args:
+            d: mapping of field names to values (``None`` = all defaults).
+        """
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError("model", f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- a run
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the project (saved as ``config.json``).
+
+    Args:
+        method: registered method name (``lesionseg methods``).
+        method_options: keyword options passed to the method's constructor.
+        model: network architecture.
+        steps: optimisation steps; ``budget_s``: wall-clock seconds. With neither, the budget is
+            300 s; with both, whichever ends first.
+        batch_size: labelled images per step (methods using unlabelled images get half as many
+            unlabelled ones on top).
+        image_size: side of the square training images.
+        lr, weight_decay: AdamW settings (linear warm-up, then cosine decay to 5 % of ``lr``).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+        threads: CPU threads for torch (default: all cores).
+        seed: seeds weights, sampling, augmentation and the validation choice.
+        rounds: the store is re-read between rounds, so new annotations join without a restart.
+        checkpoint_every_s: seconds between periodic checkpoints.
+        validate_every: steps between validations (when there are validation cases).
+        fold_validation: the last fraction of the run in which the validation cases are trained
+            on too, so the final model learns from every mask (0: never). The run's validation
+            Dice is the one measured just before they join (`events.ValidationFolded`).
+        predict: write predictions for all cases at the end (and after each round).
+        mc_samples: MC-dropout samples for the uncertainty maps.
+        predict_first: case ids predicted first, in this order (the case on screen, the top
+            of the ranking); the rest follow in project order. Predictions are announced in
+            parts (`events.PredictionsReady`) as they are written.
+        init_from: checkpoint (path, model folder or model id) to fine-tune from.
+        model_id: name of the model folder (default ``<method>-<yyyymmdd-hhmmss>``).
+    """
+
+    method: str = "supervised"
+    method_options: dict = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int | None = None
+    budget_s: float | None = None
+    batch_size: int = 8
+    image_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    rounds: int = 1
+    checkpoint_every_s: float = 60.0
+    validate_every: int = 50
+    fold_validation: float = 0.25
+    predict: bool = True
+    mc_samples: int = 4
+    predict_first: list = field(default_factory=list)
+    init_from: str | None = None
+    model_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        checks = [
+            ("steps", self.steps is None or (int(self.steps) == self.steps and self.steps >= 1),
+             "must be a positive integer"),
+            ("budget_s", self.budget_s is None or self.budget_s > 0, "must be > 0 seconds"),
+            ("batch_size", int(self.batch_size) >= 1, "must be at least 1"),
+            ("image_size", int(self.image_size) >= 16, "must be at least 16 pixels"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("rounds", int(self.rounds) >= 1, "must be at least 1"),
+            ("validate_every", int(self.validate_every) >= 1, "must be at least 1"),
+            ("mc_samples", int(self.mc_samples) >= 1, "must be at least 1"),
+            ("threads", self.threads is None or int(self.threads) >= 1, "must be at least 1"),
+            ("checkpoint_every_s", self.checkpoint_every_s > 0, "must be > 0"),
+            ("fold_validation", 0 <= self.fold_validation < 1, "must be in [0, 1)"),
+            ("predict_first", isinstance(self.predict_first, (list, tuple)), "must be a list of case ids"),
+        ]
+        for name, ok, problem in checks:
+            if not ok:
+                raise InputError(name, f"{problem}, got {getattr(self, name)!r}")
+        if not isinstance(self.method_options, dict):
+            raise InputError("method_options", "must be a mapping of option names to values")
+        if self.model_id is not None and (not self.model_id or "/" in self.model_id
+                                          or self.model_id.startswith(".")):
+            raise InputError("model_id", f"{self.model_id!r} is not a usable folder name")
+
+    @property
+    def total_steps(self) -> int | None:
+        return None if self.steps is None else int(self.steps)
+
+    @property
+    def budget(self) -> float | None:
+        """Wall-clock budget in seconds (the default one in budget mode)."""
+        if self.budget_s is not None:
+            return float(self.budget_s)
+        return DEFAULT_BUDGET_S if self.steps is None else None
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (``model`` as a nested dict)."""
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from `to_dict` output; unknown keys (from a newer version) are ignored.
+
+        Args:
+            d: the mapping.
+        """
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in dict(d).items() if k in known}
+        if isinstance(kw.get("model"), dict):
+            kw["model"] = ModelConfig.from_dict(kw["model"])
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- methods
+#: The kinds of annotation a ``Supervision`` may name.
+DATA_KINDS = ("full", "sparse", "image_label", "unlabelled")
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What a method can learn from.
+
+    Args:
+        full_masks, sparse_masks, image_labels, unlabelled: kinds of data the method uses.
+        requires: at least one of these kinds ("full", "sparse", "image_label") must exist.
+    """
+
+    full_masks: bool
+    sparse_masks: bool
+    image_labels: bool
+    unlabelled: bool
+    requires: tuple[str, ...]
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        """The kinds of annotation the method learns from (`DATA_KINDS` order)."""
+        flags = (self.full_masks, self.sparse_masks, self.image_labels, self.unlabelled)
+        return tuple(k for k, on in zip(DATA_KINDS, flags) if on)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option: its default (whose type the value must have) and a line of help."""
+
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything about a method that needs no torch."""
+
+    name: str
+    supervision: Supervision
+    description: str
+    options: dict[str, Option] = field(default_factory=dict)
+
+    def all_options(self) -> dict[str, Option]:
+        """`COMMON_OPTIONS` and this method's own."""
+        return {**COMMON_OPTIONS, **self.options}
+
+    def defaults(self) -> dict[str, Any]:
+        """Every option this method accepts, with its default."""
+        return {k: o.default for k, o in self.all_options().items()}
+
+
+#: Options every method accepts (``TrainConfig.method_options``).
+COMMON_OPTIONS: dict[str, Option] = {
+    "dice_weight": Option(1.0, "weight of the soft Dice term"),
+    "dice_per_image": Option(True, "Dice per (image, class) as the metric counts it; false: batch Dice"),
+    "presence_weight": Option(0.5, "weight of the presence BCE"),
+    "image_class_weight": Option(0.5, "weight of the image-class CE"),
+    "negative_background": Option(True, "maskless negative images (e.g. 'normal') get an all-background target"),
+    "gate_threshold": Option(0.5, "lesion classes whose presence is below this are removed from a prediction (0: no gating)"),
+    "gate_segmentation": Option(False, "gate on the presence head and the segmentation's strongest pixel together (their geometric mean)"),
+}
+
+METHOD_CATALOG: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec(
+        "supervised",
+        Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=False,
+                    requires=("full", "sparse")),
+        "U-Net on full masks (Dice+CE) and scribbles (partial CE); image labels train the "
+        "presence head that gates empty predictions."),
+    MethodSpec(
+        "mean_teacher",
+        Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=True,
+                    requires=("full", "sparse")),
+        "Supervised losses plus consistency with an EMA teacher on CutMix-perturbed images "
+        "without a mask (confident pseudo-labels, sigmoid ramp-up); predicts with the teacher.",
+        {
+            "ema_decay": Option(0.99, "teacher = decay * teacher + (1 - decay) * student"),
+            "consistency": Option(1.0, "maximum consistency weight"),
+            "rampup": Option(0.3, "fraction of training over which the weight ramps up"),
+            "noise": Option(0.1, "std of the Gaussian input noise (images are normalised)"),
+            "cutmix": Option(True, "box-mixed student inputs (false: noise + flips, the original recipe)"),
+            "confidence": Option(0.9, "teacher probability for a pseudo-label (0: softmax MSE instead)"),
+            "paste_labelled": Option(False, "CutMix with labelled images (bidirectional copy-paste)"),
+            "skip_below": Option(0.05, "no unlabelled passes while the weight is below this share of its maximum"),
+        }),
+    MethodSpec(
+        "cam",
+        Supervision(full_masks=False, sparse_masks=False, image_labels=True, unlabelled=False,
+                    requires=("image_label",)),
+        "Image labels only: presence classifier -> multi-scale CAM -> thresholded pseudo-masks "
+        "-> segmenter.",
+        {
+            "warmup": Option(0.4, "fraction of training before the segmenter starts (and the snapshot is taken)"),
+            "cam_hi": Option(0.5, "CAM above this: lesion"),
+            "cam_lo": Option(0.2, "CAM below this: background"),
+            "seg_weight": Option(1.0, "weight of the pseudo-mask losses after the ramp"),
+            "superpixels": Option(0, "SLIC superpixels for CAM refinement (0: off)"),
+            "separate_classifier": Option(False, "a classifier of its own beside the U-Net instead of a shared encoder"),
+            "pseudo_source": Option("snapshot", "CAMs for pseudo-masks: 'snapshot' (classifier frozen at warmup) or 'live'"),
+            "snapshot_ema": Option(0.995, "weight average of the snapshot during warmup (0: a plain copy at warmup)"),
+            "snapshot_refresh": Option(0.7, "progress at which the snapshot is re-copied from the classifier once (0: never)"),
+        }),
+)}
+
+
+def available_methods(counts: dict[str, int], catalog: dict[str, MethodSpec] | None = None) -> list[str]:
+    """Names of the methods whose ``requires`` is met by ``counts`` (sorted).
+
+    Args:
+        counts: number of cases per kind: keys "full", "sparse", "image_label", "unlabelled"
+            (missing keys count 0).
+        catalog: the methods to choose from (default: `METHOD_CATALOG`).
+    """
+    specs = METHOD_CATALOG if catalog is None else catalog
+    return sorted(n for n, spec in specs.items()
+                  if any(counts.get(k, 0) > 0 for k in spec.supervision.requires))
+
+
+__all__ = ["DEFAULT_BUDGET_S", "ModelConfig", "TrainConfig", "DATA_KINDS", "Supervision", "Option",
+           "MethodSpec", "COMMON_OPTIONS", "METHOD_CATALOG", "available_methods"]
