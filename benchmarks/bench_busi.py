@@ -307,7 +307,8 @@ def main() -> int:
                 rules = {
                     "product": lambda s: threshold <= 0 or s["gate_evidence"][0] >= threshold,
                     "gate_presence": lambda s: s["presence"][0] >= 0.5,
-                    "gate_evidence": lambda s: s["gate_evidence"][0] >= 0.5,
+                    # presence and the segmentation's strongest pixel (gate_segmentation=true)
+                    "gate_evidence": lambda s: (s["presence"][0] * s["segmentation_presence"][0]) ** 0.5 >= 0.5,
                     "ungated": lambda s: True,
                 }
                 results = score(path, predict, rules)

@@ -86,7 +86,7 @@ def _headless_loop(viewer, workspace, shot: Path, train_s: float) -> int:
         if not trainer.start():
             print("demo: the trainer did not start", file=sys.stderr)
             return 1
-        print(f"demo: training {trainer.settings()['method']} for {train_s:.0f} s in the trainer "
+        print(f"demo: training {trainer.settings().method} for {train_s:.0f} s in the trainer "
               "process ...", flush=True)
         if not wait_until(lambda: trainer.process is None, train_s + 240):
             print("demo: training did not finish in time", file=sys.stderr)

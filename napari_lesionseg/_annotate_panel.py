@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from qtpy.QtWidgets import (
 
 from napari_lesionseg import _layers
 from napari_lesionseg._layers import ANNOTATION, BACKGROUND_VALUE, PREDICTION, UNCERTAINTY
-from napari_lesionseg._tasks import error_message, guarded, run_task
+from napari_lesionseg._tasks import error_message, guarded, run_child, run_task
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -177,7 +178,10 @@ class AnnotatePanel(QWidget):
         self._edit_btn = QPushButton("Edit prediction (⇧A)")
         self._edit_btn.setToolTip("Copy the prediction into the annotation layer to correct it")
         self._edit_btn.clicked.connect(lambda: self.edit_prediction())
-        self._free_btn = QPushButton("Lesion-free (F)")
+        self._predict_btn = QPushButton("Predict this case (⇧P)")
+        self._predict_btn.setToolTip("Predict the case on screen now with the latest model")
+        self._predict_btn.clicked.connect(lambda: self.predict_case())
+        self._free_btn = QPushButton("Lesion-free (⇧F)")
         self._free_btn.setToolTip("Confirm that this image has no lesion: saves an empty full mask")
         self._free_btn.clicked.connect(lambda: self.mark_lesion_free())
         self._undo_btn = QPushButton("Undo last save")
@@ -189,6 +193,7 @@ class AnnotatePanel(QWidget):
         actions.addWidget(self._edit_btn, 0, 1)
         actions.addWidget(self._free_btn, 1, 0)
         actions.addWidget(self._undo_btn, 1, 1)
+        actions.addWidget(self._predict_btn, 2, 0)
         actions.addWidget(self._save_btn, 2, 1)
         lay.addLayout(actions)
 
@@ -214,7 +219,7 @@ class AnnotatePanel(QWidget):
 
     def _set_enabled(self, enabled: bool) -> None:
         for w in (self._sparse, self._full, self._accept_btn, self._edit_btn, self._undo_btn,
-                  self._free_btn,
+                  self._free_btn, self._predict_btn,
                   self._save_btn, *self._label_buttons.values(), *self._presence.values(),
                   *self._paint_group.buttons()):
             w.setEnabled(enabled)
@@ -584,6 +589,35 @@ class AnnotatePanel(QWidget):
             return None
         return self.save_now()
 
+    def predict_case(self) -> bool:
+        """Predict the case on screen with the project's latest model, in a child process (the
+        window never imports torch); its layers refresh when the outputs are written.
+
+        Returns:
+            False when there is no case or no trained model (the user is told), else True.
+        """
+        project, cid = self.state.project, self._cid
+        if project is None or cid is None:
+            return False
+        if project.latest_model() is None:
+            show_info("No trained model yet — start a training first")
+            return False
+        self._save_status.setText("predicting this case …")
+        self._predict_btn.setEnabled(False)
+
+        def done(_out: str) -> None:
+            project.refresh()
+            self._save_status.setText("prediction updated")
+            self.state.outputs_changed.emit((cid,))
+
+        def failed(exc: BaseException) -> None:
+            self._save_status.setText("")
+            show_error(f"Could not predict {project.case(cid).name}: {error_message(exc)}")
+
+        run_task(predict_in_child, str(project.path), cid, on_done=done, on_error=failed,
+                 on_finish=lambda: self._predict_btn.setEnabled(self._cid is not None))
+        return True
+
     def mark_lesion_free(self) -> AnnotationVersion | None:
         """Save an empty full mask: the clinician confirms the image has no lesion (a full
         annotation that trains the segmenter to leave such images empty)."""
@@ -709,6 +743,18 @@ class AnnotatePanel(QWidget):
             self.set_image_label(None)
         elif k <= len(project.image_classes):
             self.set_image_label(project.image_classes[k - 1])
+
+
+def predict_in_child(project_path: str, case_id: str) -> str:
+    """``lesionseg predict --cases CASE`` with the latest model, in a short-lived child process
+    (runs in a worker thread; the window stays torch-free)."""
+    import sys
+
+    import training_backend
+
+    root = str(Path(training_backend.__file__).resolve().parent.parent)
+    return run_child([sys.executable, "-m", "training_backend", "predict", "--project",
+                      project_path, "--cases", case_id], pythonpath=root)
 
 
 def _digit_handler(panel: AnnotatePanel, k: int):

@@ -510,6 +510,7 @@ class CasesPanel(QWidget):
                 return
             self.ranking, self.ranking_note = result
             self._ranking_key = key
+            self.state.suggested = [cid for cid, _s in self.ranking]
             self._fill_rank_column()
             self._update_info()
             if self._pending_next and key == (self.state.strategy, self._generation):
@@ -549,6 +550,7 @@ class CasesPanel(QWidget):
         self.history.clear()
         self.visited.clear()
         self.ranking, self.ranking_note, self._ranking_key = [], "", None
+        self.state.suggested = []
         self._rank_pos = {}
         self._rank_k = RANK_K
         self._generation += 1

@@ -53,6 +53,8 @@ class WorkspaceState:
         self.user = current_user()
         #: Cases that got a new annotation or image label since the last training started.
         self.new_labels: set[str] = set()
+        #: The current active-learning ranking, best first (set by the cases panel).
+        self.suggested: list[str] = []
 
     # ---- project
     @property

@@ -3,16 +3,13 @@
 The trainer runs in its own process (``training_backend.process.TrainerProcess``); a QTimer on
 the GUI thread polls its events every ``POLL_MS`` and maps them onto widgets, napari's activity
 dock (``napari.utils.progress``) and the workspace state. This module never imports torch: the
-training configuration travels as a plain dict, and the method registry (which needs torch) is
-read once in a worker thread.
+panel builds a real ``TrainConfig`` and reads the methods from ``config.METHOD_CATALOG``, both
+torch-free (the child process builds the networks).
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from napari.utils import progress
@@ -31,8 +28,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lesionseg._plot import LearningCurve
-from napari_lesionseg._tasks import error_message, guarded, logger, run_task
+from training_backend.config import TrainConfig
+
+from napari_lesionseg._plot import LearningCurve, RunCurve
+from napari_lesionseg._tasks import guarded, logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from training_backend.store import Project
@@ -52,27 +51,14 @@ IMAGE_LABEL_METHOD = "cam"
 KIND_NAMES = {"full": "full masks", "sparse": "scribbles", "image_label": "image labels",
               "unlabelled": "unlabelled images"}
 AUTO_BUDGET_S = 15  # seconds of fine-tuning in an automatic retrain
+#: After a round the case on screen is predicted first, then this many of the ranking's top.
+PREDICT_FIRST_RANKED = 20
 
 
 def trainer_threads() -> int:
     """CPU threads for a trainer started from the window: every core but one, so the viewer
     (painting, loading cases) keeps a core of its own."""
     return max(1, (os.cpu_count() or 1) - 1)
-
-
-class TrainSettings(dict):
-    """A training configuration as a plain dict (``TrainConfig.to_dict`` form).
-
-    ``TrainerProcess`` only calls ``config.to_dict()``; the child process builds and validates
-    the real ``TrainConfig`` -- so the GUI process never imports torch.
-    """
-
-    def to_dict(self) -> dict:
-        return dict(self)
-
-    @property
-    def model_id(self) -> str | None:
-        return self.get("model_id")
 
 
 class MethodInfo(NamedTuple):
@@ -84,34 +70,12 @@ class MethodInfo(NamedTuple):
     uses: tuple[str, ...]       # the kinds of annotation it learns from
 
 
-_METHOD_TABLE: list[MethodInfo] | None = None
-_METHOD_TABLE_CODE = (
-    "import json\n"
-    "from training_backend.methods import METHODS\n"
-    "def uses(s):\n"
-    "    return [k for k, on in (('full', s.full_masks), ('sparse', s.sparse_masks),"
-    " ('image_label', s.image_labels), ('unlabelled', s.unlabelled)) if on]\n"
-    "print(json.dumps([[n, list(c.supervision.requires), c.description, uses(c.supervision)]"
-    " for n, c in METHODS.items()]))\n"
-)
-
-
 def method_table() -> list[MethodInfo]:
-    """A `MethodInfo` of every registered method.
+    """A `MethodInfo` of every method in ``config.METHOD_CATALOG`` (torch-free)."""
+    from training_backend.config import METHOD_CATALOG
 
-    The registry imports torch, so it is read once in a short-lived child interpreter (the GUI
-    process stays torch-free) and cached. Runs in a worker thread.
-    """
-    global _METHOD_TABLE
-    if _METHOD_TABLE is None:
-        import training_backend
-        from napari_lesionseg._tasks import run_child
-
-        root = str(Path(training_backend.__file__).resolve().parent.parent)
-        out = run_child([sys.executable, "-c", _METHOD_TABLE_CODE], pythonpath=root)
-        _METHOD_TABLE = [MethodInfo(str(n), tuple(req), str(desc), tuple(uses))
-                         for n, req, desc, uses in json.loads(out)]
-    return list(_METHOD_TABLE)
+    return [MethodInfo(spec.name, tuple(spec.supervision.requires), spec.description,
+                       spec.supervision.uses) for spec in METHOD_CATALOG.values()]
 
 
 def supervision_counts(project: Project) -> dict[str, int]:
@@ -120,9 +84,12 @@ def supervision_counts(project: Project) -> dict[str, int]:
 
 
 def available(table: list[MethodInfo], counts: dict[str, int]) -> list[str]:
-    """Methods whose ``requires`` (at least one kind present) is met by ``counts``."""
-    return [m.name for m in table
-            if not m.requires or any(counts.get(kind, 0) > 0 for kind in m.requires)]
+    """Methods whose ``requires`` is met by ``counts`` (``config.available_methods``), in
+    table order."""
+    from training_backend.config import METHOD_CATALOG, available_methods
+
+    names = set(available_methods(counts, {m.name: METHOD_CATALOG[m.name] for m in table}))
+    return [m.name for m in table if m.name in names]
 
 
 def recommended(names: list[str], counts: dict[str, int]) -> str | None:
@@ -162,7 +129,7 @@ class TrainerPanel(QWidget):
         super().__init__(parent)
         self.state = state
         self.process = None                     # the running TrainerProcess
-        self._methods: list[MethodInfo] | None = None
+        self._methods: list[MethodInfo] = method_table()
         self._user_method: str | None = None    # a method the user picked (else: recommended)
         self._counts: dict[str, int] = {}
         self._names: list[str] = []
@@ -183,7 +150,6 @@ class TrainerPanel(QWidget):
         state.cases_changed.connect(self._update_methods)
         state.case_updated.connect(self._on_labels_saved)
         self._on_project(state.project)
-        run_task(method_table, on_done=self._on_method_table, on_error=self._on_method_error)
 
     # ------------------------------------------------------------------ widgets
     def _build(self) -> None:
@@ -271,21 +237,12 @@ class TrainerPanel(QWidget):
         self._status.setWordWrap(True)
         self._status.setStyleSheet("color: #9aa4b1; font-size: 11px;")
         lay.addWidget(self._status)
+        self.run_curve = RunCurve()
+        lay.addWidget(self.run_curve)
         self.curve = LearningCurve()
         lay.addWidget(self.curve)
 
     # ------------------------------------------------------------------ methods
-    def _on_method_error(self, exc: BaseException) -> None:
-        self._methods = []
-        message = f"Training methods unavailable: {error_message(exc)}"
-        show_error(message)
-        self._update_methods()
-        self._status.setText(message)  # after _update_methods, which would replace it
-
-    def _on_method_table(self, table) -> None:
-        self._methods = table
-        self._update_methods()
-
     def _update_methods(self, *_args) -> None:
         project = self.state.project
         current = self._method.currentText()
@@ -293,10 +250,6 @@ class TrainerPanel(QWidget):
         self._names = []
         self._method_note.setText("")
         if project is None:
-            return
-        if self._methods is None:
-            self._method.addItem("(loading methods…)")
-            self._method.setEnabled(False)
             return
         counts = self._counts = supervision_counts(project)
         names = self._names = available(self._methods, counts)
@@ -400,20 +353,23 @@ class TrainerPanel(QWidget):
         if fine_tune is not None:
             self._continue.setChecked(bool(fine_tune))
 
-    def settings(self, auto: bool = False) -> TrainSettings:
+    def settings(self, auto: bool = False) -> TrainConfig:
         """The configuration the Start button (or, with ``auto``, an automatic retrain: the
         retrain budget, fine-tuning the latest model) would use."""
         steps = None if auto else (self._steps.value() or None)
         budget = self._auto_budget.value() if auto else (self._budget.value() or None)
-        cfg = TrainSettings(method=self._method.currentText(), device=self._device.currentText(),
-                            image_size=self._image_size.value(), steps=steps, budget_s=budget,
-                            predict=True, threads=trainer_threads())
+        first = ([self.state.case_id] if self.state.case_id else []) + [
+            c for c in self.state.suggested[:PREDICT_FIRST_RANKED] if c != self.state.case_id]
+        init_from = None
         project = self.state.project
         if (auto or self._continue.isChecked()) and project is not None:
-            latest = project.latest_model() if hasattr(project, "latest_model") else None
+            latest = project.latest_model()
             if latest is not None and latest[1].get("checkpoint"):
-                cfg["init_from"] = latest[1]["checkpoint"]
-        return cfg
+                init_from = latest[1]["checkpoint"]
+        return TrainConfig(method=self._method.currentText(), device=self._device.currentText(),
+                           image_size=self._image_size.value(), steps=steps, budget_s=budget,
+                           predict=True, threads=trainer_threads(), predict_first=first,
+                           init_from=init_from)
 
     def start(self, auto: bool = False) -> bool:
         """Start training in a background process; False if it could not start.
@@ -442,16 +398,17 @@ class TrainerPanel(QWidget):
         self.events_seen = []
         self._last_dice = None
         self._folded_at = None
+        self.run_curve.clear()
         self._loss_text = ""
         self._n_labelled = None
         self._model_id = None
         self.state.new_labels.clear()
         self.state.training = True
-        self._activity = progress(total=1000, desc=f"Training {cfg['method']}")
+        self._activity = progress(total=1000, desc=f"Training {cfg.method}")
         self._bar.setValue(0)
         self._bar.setFormat("starting the trainer …")
         self._metrics.setText("")
-        self._status.setText(f"{cfg['method']} on {cfg['device']} · started "
+        self._status.setText(f"{cfg.method} on {cfg.device} · started "
                              f"{time.strftime('%H:%M:%S')}")
         self._set_running(True)
         self._timer.start()
@@ -532,20 +489,34 @@ class TrainerPanel(QWidget):
             parts = ", ".join(f"{k} {v:.3f}" for k, v in event.values.items() if k != "loss")
             loss = event.values.get("loss")
             text = f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss"
+            if isinstance(loss, (int, float)):
+                self.run_curve.add_loss(event.step, loss)
             self._loss_text = text + (f" ({parts})" if parts else "")
             self._show_metrics()
         elif isinstance(event, ev.Validation):
             self._last_dice = event.dice
+            self.run_curve.add_dice(event.step, event.dice)
             self._show_metrics()
         elif isinstance(event, ev.ValidationFolded):
             self._folded_at = event.step
+            self.run_curve.mark_fold(event.step)
             self._show_metrics()
         elif isinstance(event, ev.RoundFinished):
             self._n_labelled = event.n_annotations
             if event.dice is not None:
                 self.curve.add_point(event.n_annotations, event.dice)
+        elif isinstance(event, ev.PredictionProgress):
+            self._bar.setValue(int(round(1000 * event.done / max(1, event.total))))
+            if event.done < event.total:
+                eta = event.elapsed_s / event.done * (event.total - event.done)
+                self._bar.setFormat(f"predicting {event.done}/{event.total} · about {eta:.0f} s left")
+            else:
+                self._bar.setFormat(f"predictions written for {event.total} cases")
+            if self._activity is not None:
+                self._activity.set_description(f"Predicting {event.done}/{event.total}")
+                self._activity.n = self._bar.value()
+                self._activity.refresh()
         elif isinstance(event, ev.PredictionsReady):
-            self._bar.setFormat("predictions written")
             if self.state.project is not None:
                 self.state.project.refresh()
             self.state.outputs_changed.emit(tuple(event.case_ids))

@@ -31,6 +31,8 @@ SHORTCUTS = (
     ("1…9 / 0", "paint lesion class / background"),
     ("Alt+1…9 / Alt+0", "image label / clear it"),
     ("A / Shift+A", "accept / edit the prediction"),
+    ("Shift+F", "lesion-free: save an empty full mask"),
+    ("Shift+P", "predict this case with the latest model"),
     ("H", "show/hide model layers"),
     ("P E F Z", "napari: paint, erase, fill, pan"),
 )
@@ -136,7 +138,8 @@ class LesionWorkspace(QWidget):
         bind("Shift-N", lambda: ws.cases_panel.previous_case(), "previous case")
         bind("a", lambda: ws.annotate_panel.accept_prediction(), "accept prediction")
         bind("Shift-A", lambda: ws.annotate_panel.edit_prediction(), "edit prediction")
-        bind("f", lambda: ws.annotate_panel.mark_lesion_free(), "mark lesion-free")
+        bind("Shift-F", lambda: ws.annotate_panel.mark_lesion_free(), "mark lesion-free")
+        bind("Shift-P", lambda: ws.annotate_panel.predict_case(), "predict this case")
         bind("h", lambda: ws.annotate_panel.toggle_model_layers(), "toggle model layers")
         for k in range(10):
             bind(f"Alt-{k}", lambda k=k: ws.annotate_panel.on_key_alt_digit(k),

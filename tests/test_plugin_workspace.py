@@ -35,12 +35,6 @@ def sample_template(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def method_registry():
-    """Read the method registry once (a child interpreter imports torch) for all tests."""
-    return _trainer_panel.method_table()
-
-
 @pytest.fixture()
 def sample_project(sample_template, tmp_path):
     path = tmp_path / "idrid"
@@ -191,7 +185,7 @@ def test_model_layers_accept_and_edit_prediction(workspace, qtbot, sample_projec
 
 
 def test_lesion_free_is_saved_as_an_empty_full_mask(workspace, qtbot, sample_project):
-    """Accepting an empty prediction, or "Lesion-free" (F), saves an empty full mask on a case
+    """Accepting an empty prediction, or "Lesion-free" (Shift+F), saves an empty full mask on a case
     that had none; an untouched case with nothing painted still saves nothing."""
     ws = workspace
     ws.open_project(sample_project)
@@ -217,7 +211,7 @@ def test_lesion_free_is_saved_as_an_empty_full_mask(workspace, qtbot, sample_pro
 
     layer = show(ws, qtbot, second)               # no prediction here: the button (key F)
     layer.paint((5, 5), 1)                         # a stray stroke is replaced
-    ann._free_btn.click()                          # noqa: SLF001 - the "Lesion-free (F)" button
+    ann._free_btn.click()                          # noqa: SLF001 - the "Lesion-free (⇧F)" button
     mask, av = ws.project.read_annotation(second)
     assert av.kind == "full" and av.source == "manual:lesion-free" and not mask.any()
     assert ann.kind() == "full" and not np.asarray(layer.data).any()
@@ -313,6 +307,12 @@ def test_keyboard_shortcuts(workspace, qtbot, sample_project):
     handler.press_key("Shift-N")
     qtbot.waitUntil(lambda: ws.annotate_panel.shown_case == first, timeout=5_000)
     assert ws.viewer.keymap[coerce_keybinding("a")].__doc__ == "accept prediction"
+    layer = ws.viewer.layers[ANNOTATION]
+    assert ws.viewer.layers.selection.active is layer
+    handler.press_key("Shift-F")   # lesion-free with the labels layer active (F alone is its fill)
+    latest = ws.project.case(first).latest
+    assert latest.kind == "full" and latest.source == "manual:lesion-free"
+    assert ws.viewer.keymap[coerce_keybinding("Shift-P")].__doc__ == "predict this case"
 
 
 def test_export_writes_files(workspace, qtbot, sample_project, tmp_path):
@@ -394,7 +394,7 @@ def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
     trainer._method.setCurrentText("cam")          # the user picks cam on purpose ...
     trainer._method.activated.emit(trainer._method.currentIndex())       # noqa: SLF001
     assert "not used: 1 scribbles" in trainer._method_note.text()        # noqa: SLF001
-    assert "(mean_teacher or supervised would use them)" in trainer._method_note.text()
+    assert "(supervised or mean_teacher would use them)" in trainer._method_note.text()
     layer = show(ws, qtbot, project.case_ids()[1])
     layer.paint((12, 12), 1)
     ws.annotate_panel.save_now()                   # ... and it stays cam after more scribbles
@@ -416,7 +416,12 @@ def test_trainer_runs_in_a_process_and_shows_outputs(workspace, qtbot, tiny_proj
     qtbot.waitUntil(lambda: trainer.process is None, timeout=90_000)
     kinds = [type(e).__name__ for e in trainer.events_seen]
     assert kinds[0] == "Started" and kinds[-1] == "Finished", kinds
-    assert "PredictionsReady" in kinds
+    # the case on screen is predicted first and announced alone; progress for the rest
+    ready = [e for e in trainer.events_seen if type(e).__name__ == "PredictionsReady"]
+    assert ready[0].case_ids == (cid,)
+    assert sorted(c for e in ready for c in e.case_ids) == sorted(tiny_project.case_ids())
+    assert "PredictionProgress" in kinds
+    assert trainer._bar.format().startswith("finished")       # noqa: SLF001
     qtbot.waitUntil(lambda: UNCERTAINTY in ws.viewer.layers, timeout=10_000)
     layers = ws.viewer.layers
     assert PREDICTION in layers and cam_layer_name("lesion") in layers
@@ -427,6 +432,24 @@ def test_trainer_runs_in_a_process_and_shows_outputs(workspace, qtbot, tiny_proj
     assert round_end.dice is not None        # 4 full masks: one is held out for validation
     assert trainer.curve.points[-1] == (round_end.n_annotations, pytest.approx(round_end.dice))
     assert not trainer.curve.grab().isNull()  # the label-efficiency plot paints
+    # this run's plot: loss at every reported step, the validation Dice measured when the
+    # validation case joined the training (step 4 of 5), and that step marked
+    losses = [e for e in trainer.events_seen if type(e).__name__ == "Loss"]
+    assert [s for s, _v in trainer.run_curve.loss] == [e.step for e in losses]
+    [folded] = [e for e in trainer.events_seen if type(e).__name__ == "ValidationFolded"]
+    assert trainer.run_curve.folded_at == folded.step == 4
+    assert trainer.run_curve.dice == [(4, pytest.approx(folded.dice))]
+    assert trainer.run_curve.caption().startswith("loss ")
+    assert not trainer.run_curve.grab().isNull()
+
+    # "Predict this case": the latest model predicts the case on screen (in a child process)
+    other = tiny_project.case_ids()[8]
+    show(ws, qtbot, other)
+    before = ws.annotate_panel.shown_output_id
+    ws.annotate_panel._predict_btn.click()        # noqa: SLF001
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_output_id not in (None, before),
+                    timeout=60_000)
+    assert ws.project.read_outputs(other).model_id == round_end_model(trainer)
 
     # a trainer process that dies is reported, and training can start again
     errors = []
@@ -441,15 +464,29 @@ def test_trainer_runs_in_a_process_and_shows_outputs(workspace, qtbot, tiny_proj
     assert trainer.process is None and not ws.state.training
 
 
+def round_end_model(trainer) -> str:
+    return [e for e in trainer.events_seen if type(e).__name__ == "Finished"][-1].model_id
+
+
+def test_predict_this_case_without_a_model_says_so(workspace, qtbot, sample_project, monkeypatch):
+    ws = workspace
+    ws.open_project(sample_project)
+    infos = []
+    monkeypatch.setattr("napari_lesionseg._annotate_panel.show_info", infos.append)
+    show(ws, qtbot, ws.project.case_ids()[0])
+    assert ws.annotate_panel.predict_case() is False
+    assert infos == ["No trained model yet — start a training first"]
+
+
 def test_auto_retrain_after_n_new_labels(workspace, qtbot, sample_project, monkeypatch):
     ws = workspace
     ws.open_project(sample_project)
     started = []
-    assert ws.trainer_panel.settings(auto=True)["budget_s"] == _trainer_panel.AUTO_BUDGET_S
+    assert ws.trainer_panel.settings(auto=True).budget_s == _trainer_panel.AUTO_BUDGET_S
     monkeypatch.setattr(ws.trainer_panel, "start", lambda auto=False: started.append(auto) or True)
     ws.trainer_panel.set_auto_retrain(True, 2, budget_s=12)
     auto_cfg = ws.trainer_panel.settings(auto=True)
-    assert auto_cfg["budget_s"] == 12 and auto_cfg["steps"] is None
+    assert auto_cfg.budget_s == 12 and auto_cfg.steps is None
     ids = ws.project.case_ids()
     show(ws, qtbot, ids[0])
     ws.annotate_panel.set_image_label("lesion")

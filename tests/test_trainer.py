@@ -10,7 +10,7 @@ import torch
 from training_backend.data import (Preprocessor, build_training_set, project_channels, resize_target,
                                    select_validation)
 from training_backend.errors import InputError
-from training_backend.events import (CheckpointSaved, ValidationFolded, Failed, Finished, Loss, PredictionsReady,
+from training_backend.events import (CheckpointSaved, PredictionProgress, ValidationFolded, Failed, Finished, Loss, PredictionsReady,
                                      Progress, RoundFinished, Started, Validation)
 from training_backend.methods import METHODS
 from training_backend.models import ModelConfig
@@ -157,7 +157,8 @@ def test_snapshot_reads_only_listed_annotation_versions(tiny_project):
 
 # ----------------------------------------------------------------------------- the loop
 def test_tiny_training_events_checkpoint_and_predictions(tiny_project):
-    cfg = tiny_config(steps=6, predict=True, checkpoint_every_s=1e-3)
+    cfg = tiny_config(steps=6, predict=True, checkpoint_every_s=1e-3,
+                      predict_first=["c000009", "nope", "c000002"])
     events = collect(tiny_project.path, cfg)
     assert isinstance(events[0], Started) and isinstance(events[-1], Finished), events[-1]
     start, fin = events[0], events[-1]
@@ -179,8 +180,16 @@ def test_tiny_training_events_checkpoint_and_predictions(tiny_project):
     ckpts = [e for e in events if isinstance(e, CheckpointSaved)]
     assert len(ckpts) >= 2 and ckpts[-1].step == 6
     assert sum(isinstance(e, RoundFinished) for e in events) == 1
+    # predictions: the asked-for cases first (an unknown id is ignored), the first one announced
+    # alone at once, every case exactly once, with progress after each announcement
     ready = [e for e in events if isinstance(e, PredictionsReady)]
-    assert len(ready) == 1 and set(ready[0].case_ids) == set(tiny_project.case_ids())
+    order = [c for e in ready for c in e.case_ids]
+    assert ready[0].case_ids == ("c000009",) and order[:2] == ["c000009", "c000002"]
+    assert sorted(order) == sorted(tiny_project.case_ids())
+    progress_p = [e for e in events if isinstance(e, PredictionProgress)]
+    assert len(progress_p) == len(ready) and progress_p[0].done == 1
+    assert (progress_p[-1].done, progress_p[-1].total) == (10, 10)
+    assert events.index(ready[0]) < events.index(progress_p[0])
 
     mdir = tiny_project.path / "models" / start.model_id
     ckpt = torch.load(mdir / "latest.pt", weights_only=True)

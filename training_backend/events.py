@@ -78,10 +78,21 @@ class RoundFinished:
 
 @dataclass(frozen=True)
 class PredictionsReady:
-    """Outputs for these cases were written to the store by this model."""
+    """Outputs for these cases were written to the store by this model. After a round they come
+    in parts, in the order the cases were predicted (`TrainConfig.predict_first` first), so a
+    window can show the case on screen before the rest is done."""
 
     model_id: str
     case_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PredictionProgress:
+    """Predicting the cases after a round: ``done`` of ``total`` written so far."""
+
+    done: int
+    total: int
+    elapsed_s: float
 
 
 @dataclass(frozen=True)
@@ -104,10 +115,10 @@ class Failed:
 
 
 Event = Union[Started, Progress, Loss, Validation, ValidationFolded, CheckpointSaved, RoundFinished,
-              PredictionsReady, Finished, Failed]
+              PredictionsReady, PredictionProgress, Finished, Failed]
 
 #: Events after which nothing more comes.
 TERMINAL = (Finished, Failed)
 
 __all__ = ["Started", "Progress", "Loss", "Validation", "ValidationFolded", "CheckpointSaved", "RoundFinished",
-           "PredictionsReady", "Finished", "Failed", "Event", "TERMINAL"]
+           "PredictionsReady", "PredictionProgress", "Finished", "Failed", "Event", "TERMINAL"]

@@ -33,12 +33,13 @@ import torch.nn.functional as F
 
 from training_backend.data import preprocess_image
 from training_backend.errors import InputError, ProjectError
+from training_backend.checkpoints import check_compatible, load_checkpoint, resolve_checkpoint, resolve_device
+from training_backend.config import TrainConfig
 from training_backend.methods.base import gate_evidence, gate_probs
 from training_backend.store import Project
 
 if TYPE_CHECKING:  # pragma: no cover
     from training_backend.methods.base import Method
-    from training_backend.trainer import TrainConfig
 
 #: Presence probability below which a lesion class is removed from an image's class map.
 PRESENCE_THRESHOLD = 0.5
@@ -69,50 +70,8 @@ class LoadedModel:
 
 
 # ----------------------------------------------------------------------------- loading
-def resolve_checkpoint(project: Project | None, ref: str | os.PathLike) -> Path:
-    """Find a checkpoint file from a path, a model folder or a model id of the project.
-
-    Args:
-        project: the project whose ``models/`` and registered models are searched (may be None).
-        ref: ``.pt`` file, model folder (its ``latest.pt``), or model id.
-    """
-    p = Path(ref)
-    if p.is_file():
-        return p
-    if p.is_dir() and (p / "latest.pt").is_file():
-        return p / "latest.pt"
-    if project is not None:
-        local = project.path / "models" / str(ref) / "latest.pt"
-        if local.is_file():
-            return local
-        info = project.models().get(str(ref))
-        if info and info.get("checkpoint") and Path(info["checkpoint"]).is_file():
-            return Path(info["checkpoint"])
-    raise InputError(ref, "no such checkpoint file, model folder or model id")
-
-
-def check_compatible(project: Project, meta: dict, path: str | os.PathLike) -> None:
-    """Raise `InputError` when a model cannot predict this project's lesion classes.
-
-    The number of lesion classes must match (and their names, when there are several); grey/RGB
-    differences are converted automatically.
-
-    Args:
-        project: the target project.
-        meta: the checkpoint's ``meta`` dict.
-        path: checkpoint path (for the message).
-    """
-    classes = list(meta.get("classes") or [])
-    if int(meta["n_classes"]) != len(project.classes):
-        raise InputError(path, f"model predicts {meta['n_classes']} lesion class(es) {classes}; "
-                               f"project {project.path.name} has {len(project.classes)} {project.classes}")
-    if len(project.classes) > 1 and classes and classes != project.classes:
-        raise InputError(path, f"model classes {classes} differ from the project's {project.classes}")
-
-
 def _load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     from training_backend.methods import create_method
-    from training_backend.trainer import TrainConfig, load_checkpoint, resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else device
     path = Path(path)
@@ -355,8 +314,6 @@ def iter_predictions(project: Project, method_or_checkpoint, case_ids: Sequence[
         working_size: predict at this side (sliding window when above ``image_size``).
         cancel: polled before each case; True stops early.
     """
-    from training_backend.trainer import resolve_device
-
     if isinstance(device, str):
         device = resolve_device(device)
     image_classes = project.image_classes

@@ -16,11 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,156 +25,25 @@ import torch
 
 from training_backend.data import Preprocessor, TrainingSet, build_training_set, project_channels
 from training_backend.errors import InputError, LesionsegError, ProjectError
-from training_backend.events import (CheckpointSaved, Event, Failed, Finished, Loss, PredictionsReady,
-                                     Progress, RoundFinished, Started, Validation, ValidationFolded)
-from training_backend.models import ModelConfig
+from training_backend.events import (CheckpointSaved, Event, Failed, Finished, Loss, PredictionProgress,
+                                     PredictionsReady, Progress, RoundFinished, Started, Validation,
+                                     ValidationFolded)
+from training_backend.checkpoints import (CHECKPOINT_FORMAT, latest_model_with_checkpoint, link_latest,
+                                          load_checkpoint, model_dir, new_model_id, resolve_device,
+                                          save_checkpoint)
+from training_backend.config import DEFAULT_BUDGET_S, TrainConfig  # noqa: F401  (re-exported)
 from training_backend.store import Project, atomic_write_json, now_iso
 
-#: Default wall-clock budget when neither ``steps`` nor ``budget_s`` is given.
-DEFAULT_BUDGET_S = 300.0
 #: Step checkpoints kept per model (plus ``latest.pt``).
 KEEP_CHECKPOINTS = 3
 #: Minimum seconds between two Progress/Loss events (the first and last step always report).
 REPORT_EVERY_S = 0.5
-CHECKPOINT_FORMAT = 1
-
-
-# ----------------------------------------------------------------------------- config
-@dataclass
-class TrainConfig:
-    """Everything a training run needs besides the project (saved as ``config.json``).
-
-    Args:
-        method: registered method name (``lesionseg methods``).
-        method_options: keyword options passed to the method's constructor.
-        model: network architecture.
-        steps: optimisation steps; ``budget_s``: wall-clock seconds. With neither, the budget is
-            300 s; with both, whichever ends first.
-        batch_size: labelled images per step (methods using unlabelled images get half as many
-            unlabelled ones on top).
-        image_size: side of the square training images.
-        lr, weight_decay: AdamW settings (linear warm-up, then cosine decay to 5 % of ``lr``).
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-        threads: CPU threads for torch (default: all cores).
-        seed: seeds weights, sampling, augmentation and the validation choice.
-        rounds: the store is re-read between rounds, so new annotations join without a restart.
-        checkpoint_every_s: seconds between periodic checkpoints.
-        validate_every: steps between validations (when there are validation cases).
-        fold_validation: the last fraction of the run in which the validation cases are trained
-            on too, so the final model learns from every mask (0: never). The run's validation
-            Dice is the one measured just before they join (`events.ValidationFolded`).
-        predict: write predictions for all cases at the end (and after each round).
-        mc_samples: MC-dropout samples for the uncertainty maps.
-        init_from: checkpoint (path, model folder or model id) to fine-tune from.
-        model_id: name of the model folder (default ``<method>-<yyyymmdd-hhmmss>``).
-    """
-
-    method: str = "supervised"
-    method_options: dict = field(default_factory=dict)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int | None = None
-    budget_s: float | None = None
-    batch_size: int = 8
-    image_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    device: str = "auto"
-    threads: int | None = None
-    seed: int = 0
-    rounds: int = 1
-    checkpoint_every_s: float = 60.0
-    validate_every: int = 50
-    fold_validation: float = 0.25
-    predict: bool = True
-    mc_samples: int = 4
-    init_from: str | None = None
-    model_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
-        checks = [
-            ("steps", self.steps is None or (int(self.steps) == self.steps and self.steps >= 1),
-             "must be a positive integer"),
-            ("budget_s", self.budget_s is None or self.budget_s > 0, "must be > 0 seconds"),
-            ("batch_size", int(self.batch_size) >= 1, "must be at least 1"),
-            ("image_size", int(self.image_size) >= 16, "must be at least 16 pixels"),
-            ("lr", self.lr > 0, "must be > 0"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("rounds", int(self.rounds) >= 1, "must be at least 1"),
-            ("validate_every", int(self.validate_every) >= 1, "must be at least 1"),
-            ("mc_samples", int(self.mc_samples) >= 1, "must be at least 1"),
-            ("threads", self.threads is None or int(self.threads) >= 1, "must be at least 1"),
-            ("checkpoint_every_s", self.checkpoint_every_s > 0, "must be > 0"),
-            ("fold_validation", 0 <= self.fold_validation < 1, "must be in [0, 1)"),
-        ]
-        for name, ok, problem in checks:
-            if not ok:
-                raise InputError(name, f"{problem}, got {getattr(self, name)!r}")
-        if not isinstance(self.method_options, dict):
-            raise InputError("method_options", "must be a mapping of option names to values")
-        if self.model_id is not None and (not self.model_id or "/" in self.model_id
-                                          or self.model_id.startswith(".")):
-            raise InputError("model_id", f"{self.model_id!r} is not a usable folder name")
-
-    @property
-    def total_steps(self) -> int | None:
-        return None if self.steps is None else int(self.steps)
-
-    @property
-    def budget(self) -> float | None:
-        """Wall-clock budget in seconds (the default one in budget mode)."""
-        if self.budget_s is not None:
-            return float(self.budget_s)
-        return DEFAULT_BUDGET_S if self.steps is None else None
-
-    def to_dict(self) -> dict:
-        """Plain-JSON form (``model`` as a nested dict)."""
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """Build from `to_dict` output; unknown keys (from a newer version) are ignored.
-
-        Args:
-            d: the mapping.
-        """
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in dict(d).items() if k in known}
-        if isinstance(kw.get("model"), dict):
-            kw["model"] = ModelConfig.from_dict(kw["model"])
-        return cls(**kw)
+#: Most seconds between two PredictionsReady events while predicting (the first case is
+#: announced alone, at once).
+PREDICTIONS_EVERY_S = 2.0
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA if available, else MPS if available, else CPU; others are checked.
-
-    Args:
-        name: device name.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError("--device", f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", f"{name}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError("--device", f"{name}: only {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("--device", f"{name}: MPS is not available on this machine")
-    return dev
-
-
 def lr_factor(step: int, fraction: float, warmup_steps: int) -> float:
     """Learning-rate multiplier: linear warm-up over ``warmup_steps``, cosine decay to 0.05.
 
@@ -189,25 +55,6 @@ def lr_factor(step: int, fraction: float, warmup_steps: int) -> float:
     warm = min(1.0, (step + 1) / max(1, warmup_steps))
     cos = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, fraction))))
     return warm * cos
-
-
-def model_dir(project_path: str | os.PathLike, model_id: str) -> Path:
-    return Path(project_path) / "models" / model_id
-
-
-def _new_model_id(project_path: Path, method: str) -> str:
-    base = f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    mid, n = base, 1
-    while model_dir(project_path, mid).exists():
-        n += 1
-        mid = f"{base}-{n}"
-    return mid
-
-
-def _latest_model_with_checkpoint(project_path: Path) -> str | None:
-    root = Path(project_path) / "models"
-    found = [(p.stat().st_mtime, p.parent.name) for p in root.glob("*/latest.pt")] if root.is_dir() else []
-    return max(found)[1] if found else None
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -222,57 +69,6 @@ def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device
     generator.set_state(state["data"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file, then ``os.replace`` (never a half-written file).
-
-    Args:
-        path: final file path.
-        payload: tensors and plain Python values only.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _link_latest(step_file: Path) -> Path:
-    """Point ``latest.pt`` at ``step_file`` atomically (hard link; copy where links fail)."""
-    latest = step_file.with_name("latest.pt")
-    tmp = step_file.with_name(f".latest.pt.tmp-{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(step_file, tmp)
-    except OSError:
-        shutil.copyfile(step_file, tmp)
-    os.replace(tmp, latest)
-    return latest
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``).
-
-    Args:
-        path: the ``.pt`` file.
-        device: where tensors go.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
-        raise InputError(path, f"not a readable lesionseg checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise InputError(path, "not a lesionseg checkpoint (no model/meta)")
-    return ckpt
 
 
 def _validate(method, ts: TrainingSet) -> tuple[float | None, dict[str, float | None]]:
@@ -371,7 +167,7 @@ class _Run:
 
     # ---- set-up
     def _setup(self) -> None:
-        from training_backend.inference import check_compatible, resolve_checkpoint
+        from training_backend.checkpoints import check_compatible, resolve_checkpoint
         from training_backend.methods import METHODS, create_method
 
         project = Project.open(self.project_path, mode="r+")
@@ -379,7 +175,7 @@ class _Run:
         ckpt = None
         cfg = self.given
         if self.resume:
-            mid = cfg.model_id or _latest_model_with_checkpoint(project.path)
+            mid = cfg.model_id or latest_model_with_checkpoint(project.path)
             if mid is None:
                 raise ProjectError(f"{project.path}: no checkpoint to resume (train a model first)")
             mdir = model_dir(project.path, mid)
@@ -397,7 +193,7 @@ class _Run:
                                          "model_id": mid})
         else:
             if cfg.model_id is None:
-                cfg = TrainConfig.from_dict({**cfg.to_dict(), "model_id": _new_model_id(project.path, cfg.method)})
+                cfg = TrainConfig.from_dict({**cfg.to_dict(), "model_id": new_model_id(project.path, cfg.method)})
             elif (model_dir(project.path, cfg.model_id) / "latest.pt").exists():
                 raise ProjectError(f"{model_dir(project.path, cfg.model_id)}: model already exists "
                                    f"(use --resume to continue it, or another --model-id)")
@@ -502,24 +298,41 @@ class _Run:
                                "validation": {"dice": self.val_dice, "per_class": self.val_per_class,
                                               "step": self.val_step, "n": self.n_val_scored},
                                "meta": self._meta()})
-        _link_latest(path)
+        link_latest(path)
         steps = sorted(self.mdir.glob("step_*.pt"))
         for old in steps[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
         return path
 
     # ---- predictions
+    def prediction_order(self) -> list[str]:
+        """Every case, ``predict_first`` (those that exist) first, then the rest in order."""
+        self.project.refresh()
+        ids = self.project.case_ids()
+        known = set(ids)
+        first = list(dict.fromkeys(c for c in self.cfg.predict_first if c in known))
+        chosen = set(first)
+        return first + [c for c in ids if c not in chosen]
+
     def _predict(self) -> Iterator[Event]:
         from training_backend.inference import iter_predictions
 
-        done = []
-        for item in iter_predictions(self.project, self.method, image_size=self.cfg.image_size,
-                                     channels=self.channels, mc_samples=self.cfg.mc_samples,
-                                     device=self.device, model_id=self.model_id,
-                                     cancel=self.cancel):
-            done.append(item.case_id)
+        order = self.prediction_order()
+        pending: list[str] = []
+        t0 = last = time.monotonic()
+        for item in iter_predictions(self.project, self.method, order,
+                                     image_size=self.cfg.image_size, channels=self.channels,
+                                     mc_samples=self.cfg.mc_samples, device=self.device,
+                                     model_id=self.model_id, cancel=self.cancel):
+            pending.append(item.case_id)
+            now = time.monotonic()
+            if item.index == 1 or item.index == item.total or now - last >= PREDICTIONS_EVERY_S:
+                yield PredictionsReady(self.model_id, tuple(pending))
+                yield PredictionProgress(item.index, item.total, now - t0)
+                pending, last = [], now
+        if pending:  # cancelled between two announcements
+            yield PredictionsReady(self.model_id, tuple(pending))
         self.method.train()
-        yield PredictionsReady(self.model_id, tuple(done))
 
     # ---- the loop
     def events(self) -> Iterator[Event]:
