@@ -71,7 +71,8 @@ def test_evaluate_project(tmp_path):
         cid = proj.add_case(img, f"case {i}", split="holdout" if i == 3 else "train")
         proj.set_reference(cid, mask=ref, image_label=label)
         prob = np.stack([pred == 0, pred == 1]).astype(np.float32)
-        proj.write_outputs(cid, "m1", pred, prob, np.zeros((1, *shape)), np.zeros(shape), {"presence": [pres], "image_class": img_cls})
+        proj.write_outputs(cid, "m1", pred, prob, np.zeros((1, *shape)), np.zeros(shape), {"presence": [pres], "image_class": img_cls,
+                                                                          "entropy": [0.6, 0.1, 0.3, 0.2][i]})
     proj.add_case(img, "no outputs")
     proj.set_reference(proj.case_ids()[-1], mask=ref_a)
 
@@ -87,8 +88,36 @@ def test_evaluate_project(tmp_path):
     assert r["image_class_auc"]["benign"] == pytest.approx(1.0)
     assert r["image_class_auc"]["malignant"] == pytest.approx(1.0)
     assert r["per_case"][proj.case_ids()[0]]["dice"]["lesion"] == pytest.approx(0.5)
+    # the two lesion cases: entropy 0.6 on Dice 0.5, 0.1 on Dice 1 -> rank correlation 1; no
+    # case below Dice 0.5, so no AUROC
+    assert r["failure_detection"] == {"entropy": {"spearman": pytest.approx(1.0), "auroc": None, "n": 2}}
 
     train = evaluate_project(proj, split="train")
     assert train["n_cases"] == 3 and train["empty_rate"] == 1.0
     text = summarise(r)
     assert "0.750" in text and "50.0%" in text and "presence AUC" in text and "macro" in text
+    assert "point at failures" in text and "entropy" in text
+
+
+def test_spearman_and_failure_detection_by_hand():
+    from training_backend.metrics import failure_detection, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share ranks: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3) -> r = 0.866
+    assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    # four lesion cases; entropy is high exactly on the two failures (Dice < 0.5), bald is
+    # reversed, tta_var missing on one case
+    rows = [(0.9, {"entropy": 0.1, "bald": 0.9, "tta_var": 0.2}),
+            (0.8, {"entropy": 0.2, "bald": 0.8}),
+            (0.3, {"entropy": 0.7, "bald": 0.2, "tta_var": 0.1}),
+            (0.1, {"entropy": 0.9, "bald": 0.1, "tta_var": 0.3})]
+    fd = failure_detection(rows)
+    assert fd["entropy"] == {"spearman": pytest.approx(1.0), "auroc": 1.0, "n": 4}
+    assert fd["bald"]["spearman"] == pytest.approx(-1.0) and fd["bald"]["auroc"] == 0.0
+    # tta_var on 3 cases: Dice 0.9, 0.3, 0.1 -> 1-Dice 0.1, 0.7, 0.9 vs 0.2, 0.1, 0.3: ranks
+    # (2, 1, 3) vs (1, 2, 3): r = 0.5; failures (0.1, 0.3) vs success 0.2: AUROC 0.5
+    assert fd["tta_variance"]["spearman"] == pytest.approx(0.5)
+    assert fd["tta_variance"]["auroc"] == pytest.approx(0.5) and fd["tta_variance"]["n"] == 3
+    assert "random" not in fd and "kcenter" not in fd

@@ -80,13 +80,24 @@ def binary_auc(scores: Sequence[float], labels: Sequence[int | bool]) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
+    ranks = average_ranks(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing their mean rank.
+
+    Args:
+        values: 1-D values.
+    """
+    s = np.asarray(values, dtype=np.float64).ravel()
     order = np.argsort(s, kind="mergesort")
     ranks = np.empty(s.size, dtype=np.float64)
     ranks[order] = np.arange(1, s.size + 1)
     uniq, inverse = np.unique(s, return_inverse=True)
     if uniq.size < s.size:  # average ranks within ties
         ranks = (np.bincount(inverse, weights=ranks) / np.bincount(inverse))[inverse]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return ranks
 
 
 def _nanmean(values: list[float]) -> float | None:
@@ -120,6 +131,7 @@ def evaluate_project(project: Any, split: str | None = None) -> dict:
     presence_scores: dict[str, list[tuple[float, bool]]] = {c: [] for c in classes}
     img_scores: list[tuple[dict, str]] = []
     per_case: dict[str, dict] = {}
+    failure_rows: list[tuple[float, dict]] = []  # (case Dice, stored scores) of lesion cases
     n_cases = n_missing = n_free = n_free_empty = 0
     for cid in project.case_ids():
         rec = project.case(cid)
@@ -168,6 +180,8 @@ def evaluate_project(project: Any, split: str | None = None) -> dict:
                     presence_scores[c].append((float(pres[i]), bool(ref_present[i])))
         if rec.reference_label is not None and isinstance(scores.get("image_class"), dict):
             img_scores.append((scores["image_class"], rec.reference_label))
+        if entry.get("dice"):  # a case with lesions: how well each acquisition score flags it
+            failure_rows.append((float(np.mean(list(entry["dice"].values()))), scores))
         per_case[cid] = entry
 
     result: dict[str, Any] = {"n_cases": n_cases, "n_without_outputs": n_missing, "split": split or "all"}
@@ -190,8 +204,58 @@ def evaluate_project(project: Any, split: str | None = None) -> dict:
             aucs[name] = _none_if_nan(binary_auc([float(s.get(name, 0.0)) for s, _ in img_scores], [lab == name for _, lab in img_scores]))
         result["image_class_auc"] = aucs
         result["image_class_auc_macro"] = _nanmean([v for v in aucs.values() if v is not None])
+    result["failure_detection"] = failure_detection(failure_rows)
     result["per_case"] = per_case
     return result
+
+
+#: A case whose Dice is below this counts as a failure of the model.
+FAILURE_DICE = 0.5
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties; NaN when either side is constant).
+
+    Args:
+        x, y: paired values.
+    """
+    rx, ry = average_ranks(x), average_ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def failure_detection(rows: Sequence[tuple[float, dict]]) -> dict[str, dict]:
+    """Does each acquisition strategy's case score point at the model's failures?
+
+    For every score strategy of ``acquisition.STRATEGIES``: the Spearman correlation of its
+    score with 1 − Dice and the AUROC of its score for Dice < `FAILURE_DICE`, over the cases
+    with lesions. Pointing at failures is not the same as saving annotations, but a strategy at
+    chance here (0 and 0.5) sends the annotator to cases the model already gets right as often
+    as to the ones it gets wrong.
+
+    Args:
+        rows: (case Dice, the case's stored scores) of the cases with lesions.
+
+    Returns:
+        ``{strategy: {"spearman", "auroc", "n"}}`` (None where undefined).
+    """
+    from training_backend.acquisition import FEATURES, STRATEGIES
+
+    out = {}
+    for name, strat in STRATEGIES.items():
+        keys = [k for k in strat.needs if k != FEATURES]
+        if len(keys) != 1:
+            continue  # random and kcenter give no per-case score
+        pairs = [(float(sc[keys[0]]), d) for d, sc in rows
+                 if isinstance(sc.get(keys[0]), (int, float)) and math.isfinite(sc[keys[0]])]
+        if not pairs:
+            continue
+        score, dice = [p[0] for p in pairs], [p[1] for p in pairs]
+        out[name] = {"spearman": _none_if_nan(spearman(score, [1 - d for d in dice])),
+                     "auroc": _none_if_nan(binary_auc(score, [d < FAILURE_DICE for d in dice])),
+                     "n": len(pairs)}
+    return out
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -220,6 +284,13 @@ def summarise(result: dict) -> str:
     pa = {c: v for c, v in result["presence_auc"].items() if v is not None}
     if pa:
         lines.append("presence AUC: " + ", ".join(f"{c} {f(v)}" for c, v in pa.items()))
+    fd = result.get("failure_detection") or {}
+    if fd:
+        lines.append(f"do the acquisition scores point at failures? (cases with lesions; failure: "
+                     f"Dice < {FAILURE_DICE})")
+        lines.append("  strategy             Spearman(score, 1-Dice)  AUROC(failure)")
+        for name, v in sorted(fd.items(), key=lambda kv: -(kv[1]["auroc"] or 0)):
+            lines.append(f"  {name:<20} {f(v['spearman']):>23}  {f(v['auroc']):>14}")
     if result.get("image_class_auc"):
         lines.append(
             "image-class AUC: "
