@@ -306,9 +306,9 @@ def main() -> int:
                 predict, threshold, use_seg = predict_ours(path, METHOD_OF[run])
                 rules = {
                     "product": lambda s: threshold <= 0 or s["gate_evidence"][0] >= threshold,
-                    "gate_presence": lambda s: s["presence"][0] >= 0.5,
+                    "gate_presence": lambda s: s["presence"][0] >= threshold,
                     # presence and the segmentation's strongest pixel (gate_segmentation=true)
-                    "gate_evidence": lambda s: (s["presence"][0] * s["segmentation_presence"][0]) ** 0.5 >= 0.5,
+                    "gate_evidence": lambda s: (s["presence"][0] * s["segmentation_presence"][0]) ** 0.5 >= threshold,
                     "ungated": lambda s: True,
                 }
                 results = score(path, predict, rules)

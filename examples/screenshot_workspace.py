@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", help="project folder (default: a fresh sample project)")
     parser.add_argument("--steps", type=int, default=30, help="training steps (0: no training)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for training")
+    parser.add_argument("--size", default="1800x1000", help="window size WIDTHxHEIGHT")
     args = parser.parse_args(argv)
 
     import napari
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         create_sample_project(project_path)
 
     viewer = napari.Viewer(title="lesionseg", show=True)
-    viewer.window.resize(1500, 950)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    viewer.window.resize(width, height)
     workspace = open_workspace(viewer, project_path)
     app = QApplication.instance()
 

@@ -104,6 +104,7 @@ class AnnotatePanel(QWidget):
         self._pending_source = "manual"
         # an empty full mask to be saved as it is (lesion-free confirmed, not "nothing painted")
         self._confirm_empty = False
+        self._predicting = False  # a "Predict this case" child process is running
         self._preferred_kind = "sparse"
         self._token = 0
         self._shape: tuple[int, ...] | None = None
@@ -130,6 +131,10 @@ class AnnotatePanel(QWidget):
         self._header.setWordWrap(True)
         self._header.setTextFormat(Qt.TextFormat.RichText)
         lay.addWidget(self._header)
+        # right under the case's name: what happened to the annotation last (saved / not saved)
+        self._save_status = QLabel("")
+        self._save_status.setStyleSheet("font-size: 11px;")
+        lay.addWidget(self._save_status)
 
         self._label_title = _caption("Image label <span style='color:#9aa4b1'>(Alt+1…9; "
                                      "Alt+0 clears)</span>")
@@ -212,9 +217,6 @@ class AnnotatePanel(QWidget):
         self._model_info.setWordWrap(True)
         self._model_info.setStyleSheet("color: #9aa4b1; font-size: 11px;")
         lay.addWidget(self._model_info)
-        self._save_status = QLabel("")
-        self._save_status.setStyleSheet("font-size: 11px;")
-        lay.addWidget(self._save_status)
         self._set_enabled(False)
 
     def _set_enabled(self, enabled: bool) -> None:
@@ -223,6 +225,7 @@ class AnnotatePanel(QWidget):
                   self._save_btn, *self._label_buttons.values(), *self._presence.values(),
                   *self._paint_group.buttons()):
             w.setEnabled(enabled)
+        self._predict_btn.setEnabled(enabled and not self._predicting)
 
     @staticmethod
     def _clear_grid(grid: QGridLayout) -> None:
@@ -584,9 +587,12 @@ class AnnotatePanel(QWidget):
         return self._outputs
 
     def accept_prediction(self) -> AnnotationVersion | None:
-        """Save the model's prediction as this case's full annotation."""
-        if self.edit_prediction() is None:
+        """Save the model's prediction as this case's full annotation (an empty prediction
+        accepted confirms the image lesion-free: an empty full mask is saved)."""
+        outputs = self.edit_prediction()
+        if outputs is None:
             return None
+        self._confirm_empty = not bool(np.any(outputs.pred))
         return self.save_now()
 
     def predict_case(self) -> bool:
@@ -597,25 +603,34 @@ class AnnotatePanel(QWidget):
             False when there is no case or no trained model (the user is told), else True.
         """
         project, cid = self.state.project, self._cid
-        if project is None or cid is None:
+        if project is None or cid is None or self._predicting:
             return False
         if project.latest_model() is None:
             show_info("No trained model yet — start a training first")
             return False
         self._save_status.setText("predicting this case …")
+        self._predicting = True
         self._predict_btn.setEnabled(False)
 
         def done(_out: str) -> None:
+            if project is not self.state.project:
+                return  # another project was opened meanwhile
             project.refresh()
-            self._save_status.setText("prediction updated")
+            if cid == self._cid:
+                self._save_status.setText("prediction updated")
             self.state.outputs_changed.emit((cid,))
 
         def failed(exc: BaseException) -> None:
-            self._save_status.setText("")
+            if cid == self._cid:
+                self._save_status.setText("")
             show_error(f"Could not predict {project.case(cid).name}: {error_message(exc)}")
 
+        def finished() -> None:
+            self._predicting = False
+            self._predict_btn.setEnabled(self._cid is not None)
+
         run_task(predict_in_child, str(project.path), cid, on_done=done, on_error=failed,
-                 on_finish=lambda: self._predict_btn.setEnabled(self._cid is not None))
+                 on_finish=finished)
         return True
 
     def mark_lesion_free(self) -> AnnotationVersion | None:
@@ -641,8 +656,6 @@ class AnnotatePanel(QWidget):
         self._set_kind_widgets("full")
         layer.data = np.asarray(outputs.pred, dtype=np.uint8).copy()
         self._pending_source = f"prediction:{outputs.output_id}"
-        # an empty prediction accepted is a lesion-free confirmation, worth saving
-        self._confirm_empty = not bool(np.any(layer.data))
         self._save_status.setText("editing the prediction — autosaves")
         self._schedule_save()
         return outputs

@@ -46,6 +46,7 @@ def launch(project: str | os.PathLike | None = None) -> int:
 
     viewer = napari.Viewer(title="lesionseg")
     workspace = open_workspace(viewer, project)
+    workspace.show_first_case()  # no welcome screen: the first suggested case
     try:
         napari.run()
     finally:

@@ -53,6 +53,9 @@ class ProjectPanel(QWidget):
         super().__init__(parent)
         self.state = state
         self._import_progress: progress | None = None
+        #: called after the user opened a project from this panel (the workspace shows its
+        #: first suggested case)
+        self.on_opened = lambda: None
         self._build()
         state.project_changed.connect(self._on_project)
         state.cases_changed.connect(self._update_summary)
@@ -175,8 +178,8 @@ class ProjectPanel(QWidget):
 
     def _ask_open(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Open lesionseg project")
-        if path:
-            self.open_project(path)
+        if path and self.open_project(path) is not None:
+            self.on_opened()
 
     def _ask_new(self) -> None:
         dialog = NewProjectDialog(self)
@@ -197,7 +200,8 @@ class ProjectPanel(QWidget):
             "Start from unlabelled images?\n\nYes: the sample's lesion masks and labels are "
             "kept hidden as a reference (try annotating and active learning).\nNo: they are "
             "imported as annotations.")
-        self.create_sample(path, unlabelled=answer == QMessageBox.StandardButton.Yes)
+        if self.create_sample(path, unlabelled=answer == QMessageBox.StandardButton.Yes) is not None:
+            self.on_opened()
 
     # ------------------------------------------------------------------ import
     def _ask_import_folder(self) -> None:

@@ -7,10 +7,14 @@
   Called with no napari window (a script), it returns the first case: the image plus an
   ``annotation`` Labels layer holding the latest saved mask (empty if none), coloured with the
   project's class colours.
-* PNG / JPEG / TIFF / DICOM / NIfTI files and zarr arrays open as one image layer each, read by
-  ``training_backend.io.read_image`` (so DICOM rescaling, NIfTI orientation etc. match what a
-  project import would store).
+* DICOM (``.dcm``, ``.dicom``) and NIfTI (``.nii``, ``.nii.gz``) files, which napari does not
+  read itself, open as one image layer each, read by ``training_backend.io.read_image`` (so
+  DICOM rescaling, NIfTI orientation etc. match what a project import would store).
 
+The manifest (``napari.yaml``) offers this reader nothing else: PNG, JPEG and TIFF stay with
+napari's own reader (no "which reader?" question), and a DICOM file without a suffix is not
+recognised by napari at all (import it into a project instead: the importer reads it by its
+DICM preamble). `get_reader` itself still reads every format ``io`` knows, for scripts.
 Anything else returns ``None`` so that other readers get their turn.
 """
 from __future__ import annotations
@@ -146,7 +150,5 @@ def open_in_workspace(viewer, folder: Path):
         if dock is not None:  # bring a tabbed or hidden workspace to the front
             dock.show()
             dock.raise_()
-    project = workspace.project
-    if project is not None and len(project) and workspace.annotate_panel.shown_case is None:
-        workspace.cases_panel.next_case()  # (an empty project waits for an import)
+    workspace.show_first_case()
     return workspace

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from psygnal import Signal
 
+from training_backend.acquisition import DEFAULT_STRATEGY
+
 if TYPE_CHECKING:  # pragma: no cover
     from training_backend.store import Project
 
@@ -49,7 +51,7 @@ class WorkspaceState:
         self._project: Project | None = None
         self._case_id: str | None = None
         self._training = False
-        self._strategy = "entropy"
+        self._strategy = DEFAULT_STRATEGY
         self.user = current_user()
         #: Cases that got a new annotation or image label since the last training started.
         self.new_labels: set[str] = set()

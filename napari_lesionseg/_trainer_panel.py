@@ -136,7 +136,6 @@ class TrainerPanel(QWidget):
         self._cancel_sent = False
         self._loss_text = ""
         self._activity: progress | None = None
-        self._run_points: list[tuple[int, float]] = []
         self._model_id: str | None = None
         self._last_dice: float | None = None
         self._folded_at: int | None = None  # step the validation cases joined the training
@@ -294,7 +293,7 @@ class TrainerPanel(QWidget):
                                   if name in info and name in self._names else "")
 
     def available_methods(self) -> list[str]:
-        """Methods the current labels can train (empty until the registry is loaded)."""
+        """Methods the current labels can train (empty without a project)."""
         return list(self._names) if self.state.project is not None else []
 
     # ------------------------------------------------------------------ project
@@ -308,7 +307,10 @@ class TrainerPanel(QWidget):
                       "is saved with its project.")
         self._user_method = None  # another project: the method follows its annotations
         self._update_methods()
-        self._run_points = []
+        # another project: nothing of the previous one's run stays on screen
+        self._last_dice, self._folded_at, self._loss_text = None, None, ""
+        self._metrics.setText("")
+        self.run_curve.clear()
         self.curve.set_points(self._history_points(project))
         for w in (self._start_btn, self._continue):
             w.setEnabled(project is not None)

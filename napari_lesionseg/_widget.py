@@ -63,6 +63,7 @@ class LesionWorkspace(QWidget):
         self.export_panel = ExportPanel(self.state)
         self._build()
         self._bind_keys()
+        self.project_panel.on_opened = self.show_first_case
         self._closing_filter: QObject | None = None
         self._shut_down = False
 
@@ -161,6 +162,13 @@ class LesionWorkspace(QWidget):
     def go_to(self, cid: str) -> None:
         """Show case ``cid``."""
         self.cases_panel.go_to(cid)
+
+    def show_first_case(self) -> None:
+        """Show the project's first suggested case when no case is shown (a project that was
+        just opened; an empty one waits for an import)."""
+        project = self.project
+        if project is not None and len(project) and self.annotate_panel.shown_case is None:
+            self.cases_panel.next_case()
 
     def _refresh_index(self) -> None:
         if not self.state.training:  # while training the trainer's events drive refreshes

@@ -32,7 +32,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
       quiet_pip "torch==2.13.0"
     fi
   fi
-  quiet_pip -e ".[pyqt6,testing]"
+  quiet_pip -e ".[gui,pyqt6,testing]"
   .venv/bin/python -c "import torch, napari, training_backend, napari_lesionseg" 
   echo "$want" > "$stamp"
 fi

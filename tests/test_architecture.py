@@ -80,3 +80,24 @@ def test_catalog_and_registry_agree():
         assert cls.all_default_options() == spec.defaults()
         assert set(spec.all_options()) >= set(COMMON_OPTIONS)
         assert all(o.help for o in spec.all_options().values()), name
+
+
+def test_the_window_is_an_extra_and_the_cli_says_so(monkeypatch, capsys):
+    """`pip install napari-lesionseg` is the headless back end and CLI; napari and Qt come
+    with the `gui` extra, and `lesionseg gui` without them says what to install."""
+    import importlib.util
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    base = " ".join(meta["dependencies"]).lower()
+    assert "torch" in base and not any(gui in base for gui in ("napari", "qtpy", "pyqt", "magicgui"))
+    assert any(d.startswith("napari") for d in meta["optional-dependencies"]["gui"])
+
+    from training_backend import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "napari" else real(name, *a))
+    assert cli.main(["gui"]) == 2
+    err = capsys.readouterr().err
+    assert "napari-lesionseg[gui]" in err and err.count("\n") == 1

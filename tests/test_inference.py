@@ -91,7 +91,7 @@ def test_gate_evidence_combines_presence_and_segmentation():
                           [[[0.99, 0.96]], [[0.01, 0.04]]]])        # image 1: strongest 0.04
     presence = torch.tensor([[0.4], [0.81]])
     assert torch.equal(gate_evidence(probs, presence, use_segmentation=False), presence)
-    both = gate_evidence(probs, presence)                           # sqrt(presence * strongest)
+    both = gate_evidence(probs, presence, use_segmentation=True)    # sqrt(presence * strongest)
     assert both[:, 0].tolist() == pytest.approx([0.6, 0.18])        # sqrt(.36), sqrt(.0324)
     # image 0 survives a 0.5 gate only with the segmenter's evidence, image 1 only without
     assert (both >= 0.5)[:, 0].tolist() == [True, False]

@@ -203,6 +203,8 @@ def test_lesion_free_is_saved_as_an_empty_full_mask(workspace, qtbot, sample_pro
     show(ws, qtbot, first)
     qtbot.waitUntil(lambda: ann.shown_output_id == output_id, timeout=5_000)
     assert ann.save_now() is None                  # nothing painted: nothing to save
+    ann.edit_prediction()                          # Shift+A copies it for editing only ...
+    assert ann.save_now() is None                  # ... an empty copy is not a confirmation
     version = ann.accept_prediction()
     assert version is not None and version.kind == "full"
     mask, _ = ws.project.read_annotation(first)
@@ -229,6 +231,8 @@ def test_next_case_follows_the_ranking_and_previous_goes_back(workspace, qtbot, 
     ws.open_project(sample_project)
     cases = ws.cases_panel
     assert cases.row_count() == len(ids)
+    assert ws.state.strategy == "burden_disagreement"   # the default: it points at failures
+    cases.set_strategy("entropy")                      # the fake outputs score entropy
     visited = []
     for step in range(3):
         cases.next_case()
@@ -584,6 +588,17 @@ def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeyp
                         lambda *a, **k: QMessageBox.StandardButton.Yes)
     panel._sample_btn.click()                  # noqa: SLF001 - the "Sample…" button
     assert ws.project is not None and len(ws.project) == 10
+    # a project opened from the panel shows its first suggested case (no welcome screen)
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_case is not None, timeout=10_000)
+    sample_path = ws.project.path
+    ws.go_to(ws.project.case_ids()[0])
+    panel.set_project(None)
+    assert ws.annotate_panel.shown_case is None
+    monkeypatch.setattr(_project_panel.QFileDialog, "getExistingDirectory",
+                        lambda *a, **k: str(sample_path))
+    panel._open_btn.click()                    # noqa: SLF001 - the "Open…" button
+    qtbot.waitUntil(lambda: ws.annotate_panel.shown_case is not None, timeout=10_000)
+    assert ws.project.path == sample_path
     assert all(r.status == "unlabelled" and r.has_reference for r in ws.project.cases())
 
     # CSV import: the dialog guesses the mask columns by name and the label column by content

@@ -84,6 +84,7 @@ def test_training_set_snapshot_groups(tiny_project):
     assert [mt.case_ids[int(i)] for i in mt.unlabelled] == ["c000006", "c000007", "c000008"]
     assert {"c000006", "c000007"} <= {mt.case_ids[int(i)] for i in mt.labelled}
     assert mt.counts["unlabelled"] == 1
+    assert mt.n_train == 7  # the 7 non-validation training cases, each counted once
     batch = mt.sample(3, torch.Generator().manual_seed(0), unlabelled_size=2)
     assert batch.image.shape == (3, 1, 32, 32) and batch.unlabelled.shape == (2, 1, 32, 32)
     assert batch.target.dtype == torch.int64 and batch.presence.shape == (3, 1)
@@ -218,6 +219,17 @@ def test_without_folding_validation_runs_to_the_end(tiny_project):
     events = collect(tiny_project.path, tiny_config(steps=6, predict=False, fold_validation=0.0))
     assert [e.step for e in events if isinstance(e, Validation)] == [3, 6]
     assert not any(isinstance(e, ValidationFolded) for e in events)
+
+
+def test_rounds_after_the_fold_report_no_stale_dice(tiny_project):
+    """rounds=4 over 8 steps, the validation cases join at step 6 (the last boundary): rounds
+    1-3 end with a Dice measured in them; round 4 ends with None, not the Dice of round 3."""
+    events = collect(tiny_project.path, tiny_config(steps=8, rounds=4, predict=False,
+                                                    validate_every=100))
+    rounds = [e for e in events if isinstance(e, RoundFinished)]
+    assert [r.round for r in rounds] == [1, 2, 3, 4]
+    assert all(r.dice is not None for r in rounds[:3]) and rounds[3].dice is None
+    assert [e.step for e in events if isinstance(e, ValidationFolded)] == [6]
 
 
 def test_folded_training_set_trains_on_the_validation_cases(tiny_project):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from training_backend.errors import LesionsegError
@@ -22,6 +23,10 @@ VERB_MODULES = (
 
 def _gui(args: argparse.Namespace) -> int:
     # Imported by name so that importing training_backend never pulls in napari/Qt.
+    missing = [m for m in ("napari", "qtpy") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LesionsegError(f"the napari window needs {' and '.join(missing)}: install "
+                             "napari-lesionseg[gui] (the headless verbs work without it)")
     launch = importlib.import_module("napari_lesionseg._launch").launch
     return launch(project=args.project)
 

@@ -19,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "strategy over the scores and features stored by the last `train`/`predict`. Cases "
         "without a prediction come after the scored ones.")
     p.add_argument("--project", required=True, help="project folder")
-    p.add_argument("--strategy", default="entropy", metavar="NAME",
-                   help="acquisition strategy (default: entropy); see `lesionseg strategies`")
+    p.add_argument("--strategy", default=acquisition.DEFAULT_STRATEGY, metavar="NAME",
+                   help=f"acquisition strategy (default: {acquisition.DEFAULT_STRATEGY}, the one that points "
+                   "at the model's failures best on BUSI); see `lesionseg strategies`")
     p.add_argument("-k", type=int, default=10, help="how many cases to propose (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed for random choices (default: 0)")
     p.add_argument("--include-annotated", action="store_true",

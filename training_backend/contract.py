@@ -26,7 +26,7 @@ class Batch:
     full: Tensor  # (B,) bool — full annotation
     image_class: Tensor  # (B,) int64, -1 unknown
     presence: Tensor  # (B, K) float32 in {1, 0, -1 unknown}
-    unlabelled: Tensor | None = None  # (U, C, S, S) images with no supervision at all
+    unlabelled: Tensor | None = None  # (U, C, S, S) images without a mask (image labels or none)
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on ``device``.

@@ -305,7 +305,8 @@ class TrainingSet:
 
     @property
     def n_train(self) -> int:
-        return int(self.labelled.numel() + self.unlabelled.numel())
+        """Training cases (a case in both the labelled and the unlabelled pool counts once)."""
+        return int(torch.unique(torch.cat([self.labelled, self.unlabelled])).numel())
 
     @property
     def n_val(self) -> int:

@@ -165,8 +165,14 @@ def _class_rgb(project) -> list[tuple[int, int, int]]:
     from training_backend.store import DEFAULT_COLORS
 
     colors = project.colors
-    return [_hex_rgb(colors.get(name, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
-            for i, name in enumerate(project.classes)]
+    out = []
+    for i, name in enumerate(project.classes):
+        default = DEFAULT_COLORS[i % len(DEFAULT_COLORS)]
+        try:
+            out.append(_hex_rgb(colors.get(name, default)))
+        except (ValueError, IndexError, AttributeError):  # not "#rrggbb": the default colour
+            out.append(_hex_rgb(default))
+    return out
 
 
 def viewable(project, mask: np.ndarray, values: str) -> np.ndarray:

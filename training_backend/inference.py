@@ -9,9 +9,11 @@ robust normalisation, the model's channel count), then
 * ``mc_samples`` MC-dropout passes: the stored probability map is the mean of the deterministic
   (flip-averaged) and the MC-dropout means; the mutual information (BALD) between prediction and
   dropout mask is the stored uncertainty map;
-* *presence gating*, once, on the presence pooled over the passes: a lesion class whose presence
-  probability is below the method's ``gate_threshold`` (0.5) is removed from that image; the
-  stored CAM of class k is its map weighted by the presence probability of k;
+* *presence gating*, once, on the presence pooled over the passes: a lesion class whose evidence
+  (the presence probability; with the method's ``gate_segmentation`` option, its geometric mean
+  with the segmentation's strongest pixel of that class) is below the method's
+  ``gate_threshold`` (0.5) is removed from that image; the stored CAM of class k is its map
+  weighted by the presence probability of k;
 * everything is upsampled to the image's own size; the class map is the argmax.
 
 Optionally the working image can be larger than the training size (``working_size``); the spatial

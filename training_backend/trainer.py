@@ -229,6 +229,7 @@ class _Run:
         self.val_step = saved_val.get("step")
         self.ts = self._snapshot()
         self.n_val_scored = int(saved_val.get("n", 0)) if self.folded else self.ts.n_val
+        self.val_round = saved_val.get("round")
 
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -296,7 +297,8 @@ class _Run:
                                "rng": _rng_state(self.generator, self.device),
                                "folded": self.folded,
                                "validation": {"dice": self.val_dice, "per_class": self.val_per_class,
-                                              "step": self.val_step, "n": self.n_val_scored},
+                                              "step": self.val_step, "n": self.n_val_scored,
+                                              "round": self.val_round},
                                "meta": self._meta()})
         link_latest(path)
         steps = sorted(self.mdir.glob("step_*.pt"))
@@ -305,6 +307,12 @@ class _Run:
         return path
 
     # ---- predictions
+    def round_dice(self) -> float | None:
+        """The validation Dice of the round ending now: None when it was measured in an earlier
+        round (the validation cases were folded into training since), so a label-efficiency
+        curve never pairs a Dice with an annotation count it was not measured at."""
+        return self.val_dice if self.val_round == self.round else None
+
     def prediction_order(self) -> list[str]:
         """Every case, ``predict_first`` (those that exist) first, then the rest in order."""
         self.project.refresh()
@@ -372,6 +380,7 @@ class _Run:
             nonlocal last_val_step
             self.val_dice, self.val_per_class = _validate(method, self.ts)
             self.val_step = last_val_step = self.step
+            self.n_val_scored, self.val_round = self.ts.n_val, self.round
             yield Validation(self.step, self.val_dice, self.val_per_class)
 
         def report() -> Iterator[Event]:
@@ -403,7 +412,7 @@ class _Run:
                 yield from report()
                 if self.ts.n_val and last_val_step != self.step:
                     yield from validate()
-                yield RoundFinished(self.round + 1, self.ts.n_annotated, self.val_dice)
+                yield RoundFinished(self.round + 1, self.ts.n_annotated, self.round_dice())
                 t_pause = time.monotonic()
                 if cfg.predict:
                     yield from self._predict()
@@ -456,7 +465,7 @@ class _Run:
         path = self._save(end_elapsed)
         yield CheckpointSaved(self.step, str(path))
         if reason != "cancelled":
-            yield RoundFinished(self.round + 1, self.ts.n_annotated, self.val_dice)
+            yield RoundFinished(self.round + 1, self.ts.n_annotated, self.round_dice())
             if cfg.predict:
                 yield from self._predict()
         self.project.register_model(self.model_id, {

@@ -59,7 +59,7 @@ def gate_probs(probs: Tensor, presence: Tensor, threshold: float = 0.5) -> Tenso
     return torch.cat([background, lesion], 1)
 
 
-def gate_evidence(probs: Tensor, presence: Tensor, use_segmentation: bool = True) -> Tensor:
+def gate_evidence(probs: Tensor, presence: Tensor, use_segmentation: bool = False) -> Tensor:
     """Evidence that lesion class k is in an image, the quantity gating compares with its
     threshold: the presence probability, or with ``use_segmentation`` the geometric mean of it
     and the segmentation's strongest pixel of k.
@@ -79,7 +79,7 @@ def gate_evidence(probs: Tensor, presence: Tensor, use_segmentation: bool = True
 
 
 def gate_prediction(pred: Prediction, threshold: float = 0.5,
-                    use_segmentation: bool = True) -> Prediction:
+                    use_segmentation: bool = False) -> Prediction:
     """`gate_probs` applied to a prediction (on `gate_evidence`): the argmax of a gated image
     has no pixel of a removed class. CAMs, presence and features are kept.
 
@@ -352,10 +352,11 @@ def register(cls: type[Method]) -> type[Method]:
     Args:
         cls: a ``Method`` subclass.
     """
-    if cls.spec is not None:
-        cls.name, cls.supervision = cls.spec.name, cls.spec.supervision
-        cls.description = cls.spec.description
-        cls.default_options = {k: o.default for k, o in cls.spec.options.items()}
+    spec = cls.__dict__.get("spec")  # its own, not one inherited from a built-in method
+    if spec is not None:
+        cls.name, cls.supervision = spec.name, spec.supervision
+        cls.description = spec.description
+        cls.default_options = {k: o.default for k, o in spec.options.items()}
     if not cls.name or not isinstance(getattr(cls, "supervision", None), Supervision):
         raise TypeError(f"{cls.__name__} needs a name and a Supervision")
     bad = sorted(set(cls.supervision.requires) - set(DATA_KINDS))
