@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from training_backend.config import TrainConfig
+from training_backend.config import METHOD_CATALOG, MethodSpec, TrainConfig, available_methods
 
 from napari_lesionseg._plot import LearningCurve, RunCurve
 from napari_lesionseg._tasks import guarded, logger
@@ -61,21 +61,9 @@ def trainer_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-class MethodInfo(NamedTuple):
-    """What the panel knows of a registered method."""
-
-    name: str
-    requires: tuple[str, ...]   # at least one of these kinds must be present
-    description: str
-    uses: tuple[str, ...]       # the kinds of annotation it learns from
-
-
-def method_table() -> list[MethodInfo]:
-    """A `MethodInfo` of every method in ``config.METHOD_CATALOG`` (torch-free)."""
-    from training_backend.config import METHOD_CATALOG
-
-    return [MethodInfo(spec.name, tuple(spec.supervision.requires), spec.description,
-                       spec.supervision.uses) for spec in METHOD_CATALOG.values()]
+def method_table() -> list[MethodSpec]:
+    """Every method of ``config.METHOD_CATALOG`` (torch-free), in catalog order."""
+    return list(METHOD_CATALOG.values())
 
 
 def supervision_counts(project: Project) -> dict[str, int]:
@@ -83,12 +71,10 @@ def supervision_counts(project: Project) -> dict[str, int]:
     return project.supervision_counts()
 
 
-def available(table: list[MethodInfo], counts: dict[str, int]) -> list[str]:
+def available(table: list[MethodSpec], counts: dict[str, int]) -> list[str]:
     """Methods whose ``requires`` is met by ``counts`` (``config.available_methods``), in
     table order."""
-    from training_backend.config import METHOD_CATALOG, available_methods
-
-    names = set(available_methods(counts, {m.name: METHOD_CATALOG[m.name] for m in table}))
+    names = set(available_methods(counts, {m.name: m for m in table}))
     return [m.name for m in table if m.name in names]
 
 
@@ -102,17 +88,19 @@ def recommended(names: list[str], counts: dict[str, int]) -> str | None:
     return names[0] if names else None
 
 
-def usage_note(info: MethodInfo, counts: dict[str, int], table: list[MethodInfo]) -> str:
+def usage_note(spec: MethodSpec, counts: dict[str, int], table: list[MethodSpec]) -> str:
     """Which of the project's annotations a method learns from, and which it leaves unused
     (and which available method would use them)."""
+    uses = spec.supervision.uses
     present = [k for k in KIND_NAMES if counts.get(k, 0) > 0]
-    used = [f"{counts[k]} {KIND_NAMES[k]}" for k in present if k in info.uses]
-    unused = [k for k in present if k not in info.uses]
-    text = f"{info.name} uses " + (", ".join(used) if used else "none of your annotations")
+    used = [f"{counts[k]} {KIND_NAMES[k]}" for k in present if k in uses]
+    unused = [k for k in present if k not in uses]
+    text = f"{spec.name} uses " + (", ".join(used) if used else "none of your annotations")
     if unused:
         text += "; not used: " + ", ".join(f"{counts[k]} {KIND_NAMES[k]}" for k in unused)
-        better = [m.name for m in table if m.name != info.name
-                  and set(unused) & set(m.uses) and m.name in available(table, counts)]
+        trainable = set(available(table, counts))
+        better = [m.name for m in table if m.name != spec.name and m.name in trainable
+                  and set(unused) & set(m.supervision.uses)]
         if better:
             text += f" ({' or '.join(better[:2])} would use them)"
     return text
@@ -129,7 +117,7 @@ class TrainerPanel(QWidget):
         super().__init__(parent)
         self.state = state
         self.process = None                     # the running TrainerProcess
-        self._methods: list[MethodInfo] = method_table()
+        self._methods: list[MethodSpec] = method_table()
         self._user_method: str | None = None    # a method the user picked (else: recommended)
         self._counts: dict[str, int] = {}
         self._names: list[str] = []
@@ -287,7 +275,7 @@ class TrainerPanel(QWidget):
 
     def _show_usage(self) -> None:
         """Under the combo: which annotations the chosen method uses, and which it does not."""
-        info = {m.name: m for m in (self._methods or [])}
+        info = {m.name: m for m in self._methods}
         name = self._method.currentText()
         self._method_note.setText(usage_note(info[name], self._counts, self._methods)
                                   if name in info and name in self._names else "")
