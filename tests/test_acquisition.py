@@ -19,7 +19,7 @@ from training_backend.store import Project
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 8
 SCORE_KEYS = ("entropy", "entropy_lesion", "bald", "tta_var", "cam_disagreement",
-              "burden_disagreement", "uncertainty_mean")
+              "burden_disagreement", "uncertainty_mean", "disagreement")
 
 
 def _unit(i: int, dim: int = 6, eps: float = 0.0, j: int = 5) -> np.ndarray:
@@ -287,7 +287,7 @@ def test_ranking_does_not_import_torch(contract):
 
 def test_registry_entries_are_well_formed():
     assert set(STRATEGIES) >= {"random", "entropy", "entropy_lesion", "bald", "tta_variance",
-                               "cam_disagreement", "burden_disagreement", "kcenter"}
+                               "cam_disagreement", "burden_disagreement", "disagreement", "kcenter"}
     for name, s in STRATEGIES.items():
         assert s.name == name and s.description and callable(s.fn)
         assert all(n == acquisition.FEATURES or isinstance(n, str) for n in s.needs)

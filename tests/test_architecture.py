@@ -18,7 +18,7 @@ def test_config_imports_no_torch():
             "print(len(c.METHOD_CATALOG), c.TrainConfig().budget)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["3", "300.0"]
+    assert out.stdout.split() == ["8", "300.0"]
 
 
 def _module_name(path: Path) -> str:
@@ -101,3 +101,37 @@ def test_the_window_is_an_extra_and_the_cli_says_so(monkeypatch, capsys):
     assert cli.main(["gui"]) == 2
     err = capsys.readouterr().err
     assert "napari-lesionseg[gui]" in err and err.count("\n") == 1
+
+
+def test_a_method_can_need_several_kinds_of_annotation():
+    """`requires` is any-of, `requires_all` each-of: a method that needs masks *and* image
+    labels, or masks *and* images without a mask, is offered only when both are there."""
+    from training_backend.config import MethodSpec, Supervision, available_methods
+
+    def spec(name, requires_all=()):
+        return MethodSpec(name, Supervision(True, True, True, True, ("full", "sparse"), requires_all), "")
+
+    catalog = {s.name: s for s in (spec("masks"), spec("masks+labels", ("image_label",)),
+                                   spec("masks+maskless", ("maskless",)))}
+    assert available_methods({"full": 3}, catalog) == ["masks"]
+    assert available_methods({"sparse": 1, "image_label": 4, "maskless": 0}, catalog) == [
+        "masks", "masks+labels"]
+    # an image-labelled case without a mask is maskless (and counts as such without the key)
+    assert available_methods({"full": 3, "image_label": 2}, catalog) == [
+        "masks", "masks+labels", "masks+maskless"]
+    assert available_methods({"full": 3, "unlabelled": 2, "maskless": 2}, catalog) == [
+        "masks", "masks+maskless"]
+    assert available_methods({"image_label": 9, "maskless": 9}, catalog) == []
+    assert catalog["masks+labels"].supervision.needs() == (
+        "full masks or sparse masks (scribbles), and image labels")
+
+
+def test_the_store_counts_cases_without_a_mask(tmp_path):
+    from conftest import make_tiny_project
+
+    project = make_tiny_project(tmp_path / "p")
+    counts = project.supervision_counts()
+    masked = counts["full"] + counts["sparse"]
+    n_train = sum(r.split != "holdout" for r in project.cases())
+    assert counts["maskless"] == n_train - masked > 0
+    assert counts["maskless"] >= counts["unlabelled"]

@@ -18,7 +18,7 @@ from training_backend.trainer import TrainConfig, train
 
 SCORE_KEYS = {"presence", "image_class", "lesion_frac", "entropy", "entropy_lesion", "bald", "tta_var",
               "cam_disagreement", "burden_disagreement", "uncertainty_mean",
-              "segmentation_presence", "gate_evidence"}
+              "segmentation_presence", "gate_evidence", "disagreement"}
 PER_CLASS_KEYS = {"presence", "segmentation_presence", "gate_evidence"}
 
 
@@ -70,10 +70,41 @@ def test_predict_image_outputs_and_scores(trained):
     assert scores["lesion_frac"] == pytest.approx(float((out["pred"] > 0).mean()))
     single = predict_image(method, image, 1, 32, mc_samples=1)
     assert single["scores"]["bald"] == 0.0 and single["scores"]["uncertainty_mean"] > 0
+    assert scores["disagreement"] == 0.0  # a method without an uncertainty of its own
     window = predict_image(method, image, 1, 32, mc_samples=2, working_size=64)  # sliding window
     assert window["prob"].shape == (2, 40, 56) and set(window["scores"]) == SCORE_KEYS
     rgb = predict_image(method, np.stack([image] * 3, -1), 1, 32, mc_samples=1)  # RGB → grey model
     assert rgb["pred"].shape == (40, 56)
+
+
+def test_a_methods_own_uncertainty_is_stored_and_scored(trained):
+    """A method that predicts an uncertainty of its own (two sub-models disagreeing): the stored
+    map is that one (flip-averaged, at the image's size), its mean the `disagreement` score, on
+    the plain and the sliding-window path alike."""
+    from dataclasses import replace
+
+    project, ckpt = trained
+    method, _ = load_model(ckpt)
+    plain = method.prediction_from_output
+
+    def with_own(out, size):  # left half 0.2, right half 0.6
+        pred = plain(out, size)
+        own = torch.full(pred.probs[:, 0].shape, 0.2)  # (B, H, W)
+        own[..., size[1] // 2:] = 0.6
+        return replace(pred, uncertainty=own)
+
+    method.prediction_from_output = with_own
+    image = project.read_image("c000001")[:32, :32]
+    out = predict_image(method, image, 1, 32, mc_samples=2)
+    # flip averaging: each column sees 0.2 and 0.6 once -> 0.4 everywhere
+    np.testing.assert_allclose(out["uncertainty"].astype(np.float32), 0.4, atol=0.01)
+    assert out["scores"]["disagreement"] == pytest.approx(0.4, abs=0.01)
+    assert out["scores"]["uncertainty_mean"] == pytest.approx(0.4, abs=0.01)
+    # sliding window (32 px windows on a 64 px working image): stitched window maps
+    window = predict_image(method, image, 1, 32, mc_samples=2, working_size=64)
+    unc = window["uncertainty"].astype(np.float32)
+    assert unc.shape == (32, 32) and 0.19 <= unc.min() and unc.max() <= 0.61
+    assert window["scores"]["disagreement"] == pytest.approx(0.4, abs=0.05)
 
 
 def test_gate_probs_moves_absent_classes_to_background():

@@ -176,16 +176,25 @@ def test_method_contract(name, options, channels, k, n_img):
 
 
 def test_registry_and_options():
-    assert {"supervised", "cam", "mean_teacher"} <= set(METHODS)
-    with pytest.raises(InputError, match="valid: cam, mean_teacher, supervised"):
+    assert set(METHODS) == {"supervised", "cam", "mean_teacher", "caml", "crii", "mcwss",
+                            "dual_unet", "collaborative"}
+    with pytest.raises(InputError, match="valid: cam, caml, collaborative, crii, dual_unet, mcwss, mean_teacher, supervised"):
         create_method("nope", in_channels=1, n_classes=1, n_image_classes=0)
     with pytest.raises(InputError, match="unknown option"):
         create_method("supervised", in_channels=1, n_classes=1, n_image_classes=0, bogus=1)
     m = create_method("cam", in_channels=1, n_classes=1, n_image_classes=0, model=TINY, cam_hi="0.7", superpixels="50")
     assert m.options["cam_hi"] == 0.7 and m.options["superpixels"] == 50
-    assert available_methods({"full": 0, "sparse": 0, "image_label": 5, "unlabelled": 9}) == ["cam"]
-    assert available_methods({"sparse": 2}) == ["mean_teacher", "supervised"]
-    assert available_methods({"full": 1, "image_label": 1}) == ["cam", "mean_teacher", "supervised"]
+    # image labels only: the two methods that learn masks from them
+    assert available_methods({"full": 0, "sparse": 0, "image_label": 5, "unlabelled": 9,
+                              "maskless": 14}) == ["cam", "mcwss"]
+    # scribbles only, every case annotated
+    assert available_methods({"sparse": 2, "maskless": 0}) == ["mean_teacher", "supervised"]
+    # scribbles and images without a mask: the semi-supervised methods too
+    assert available_methods({"sparse": 2, "unlabelled": 5, "maskless": 5}) == [
+        "caml", "crii", "mean_teacher", "supervised"]
+    # masks and image labels (on maskless cases): everything
+    assert available_methods({"full": 1, "image_label": 1}) == [
+        "cam", "caml", "collaborative", "crii", "dual_unet", "mcwss", "mean_teacher", "supervised"]
     assert available_methods({"unlabelled": 100}) == []
 
 

@@ -381,7 +381,8 @@ def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
     ws = workspace
     ws.open_project(project.path)
     trainer = ws.trainer_panel
-    qtbot.waitUntil(lambda: trainer.available_methods() == ["cam"], timeout=10_000)
+    # image labels only: the two methods that learn masks from them, cam recommended
+    qtbot.waitUntil(lambda: trainer.available_methods() == ["cam", "mcwss"], timeout=10_000)
     assert trainer._method.currentText() == "cam"                         # noqa: SLF001
     assert trainer._method_note.text() == ("cam uses 3 image labels; "   # noqa: SLF001
                                            "not used: 1 unlabelled images")
@@ -391,9 +392,12 @@ def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
     ws.annotate_panel.save_now()
     qtbot.waitUntil(lambda: "supervised" in trainer.available_methods(), timeout=5_000)
     assert trainer._method.currentText() == "supervised"                  # noqa: SLF001
+    # a scribble, image labels and images without a mask: every method can train now
+    assert trainer.available_methods() == ["supervised", "mean_teacher", "cam", "caml", "crii",
+                                           "mcwss", "dual_unet", "collaborative"]
     note = trainer._method_note.text()                                    # noqa: SLF001
     assert note.startswith("supervised uses 1 scribbles, 3 image labels")
-    assert "not used: 1 unlabelled images (mean_teacher would use them)" in note
+    assert "not used: 1 unlabelled images (mean_teacher or caml would use them)" in note
 
     trainer._method.setCurrentText("cam")          # the user picks cam on purpose ...
     trainer._method.activated.emit(trainer._method.currentIndex())       # noqa: SLF001

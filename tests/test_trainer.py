@@ -70,7 +70,7 @@ def test_training_set_snapshot_groups(tiny_project):
     assert ts.labelled.numel() == 6 and ts.n_val == 1
     assert ts.images.shape == (7, 1, 32, 32) and ts.targets.shape == (7, 32, 32)
     assert ts.label_probs.sum() == pytest.approx(1.0)
-    assert ts.counts == {"full": 3, "sparse": 1, "image_label": 5, "unlabelled": 1}
+    assert ts.counts == {"full": 3, "sparse": 1, "image_label": 5, "unlabelled": 1, "maskless": 3}
     # negative image: presence 0, image class 0 (normal); sparse case: some pixels ignored
     neg = ts.case_ids.index("c000007")
     assert ts.presence[neg].tolist() == [0.0] and int(ts.image_class[neg]) == 0
@@ -246,14 +246,19 @@ def _weights(project, model_id):
     return torch.load(project.path / "models" / model_id / "latest.pt", weights_only=True)["model"]
 
 
-def test_cancel_then_resume_matches_an_uninterrupted_run(tiny_project):
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "caml", "crii", "dual_unet",
+                                    "collaborative", "mcwss", "cam"])
+def test_cancel_then_resume_matches_an_uninterrupted_run(tiny_project, method):
+    """Every method: a run stopped after 3 of 8 steps and resumed ends with the weights (and
+    buffers: teachers, snapshots, memory banks) of a run that was never stopped."""
     polls = []
 
     def cancel():  # polled once before every step: True at the 4th poll = after 3 steps
         polls.append(1)
         return len(polls) > 3
 
-    events = collect(tiny_project.path, tiny_config(steps=8, model_id="a"), cancel=cancel)
+    events = collect(tiny_project.path, tiny_config(steps=8, model_id="a", method=method),
+                     cancel=cancel)
     assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled"
     stopped_at = events[-1].step
     assert stopped_at == 3 and not any(isinstance(e, PredictionsReady) for e in events)
@@ -264,7 +269,7 @@ def test_cancel_then_resume_matches_an_uninterrupted_run(tiny_project):
     assert resumed[0].start_step == stopped_at and resumed[0].total_steps == 8
     assert isinstance(resumed[-1], Finished) and (resumed[-1].step, resumed[-1].reason) == (8, "steps")
 
-    straight = collect(tiny_project.path, tiny_config(steps=8, model_id="b"))
+    straight = collect(tiny_project.path, tiny_config(steps=8, model_id="b", method=method))
     assert isinstance(straight[-1], Finished)
     wa, wb = _weights(tiny_project, "a"), _weights(tiny_project, "b")
     for key in wb:

@@ -387,6 +387,8 @@ for _name, _key, _label, _desc in (
      "disagreement between the class activation map and the segmentation"),
     ("burden_disagreement", "burden_disagreement", "burden disagreement",
      "image-level class score disagrees with the predicted lesion burden"),
+    ("disagreement", "disagreement", "sub-model disagreement",
+     "the model's own uncertainty: its two sub-models disagree (caml, crii; 0 for other methods)"),
 ):
     register(Strategy(_name, _desc + " (near-duplicates skipped)", (_key,),
                       score_strategy(_key, _label), _DUP))

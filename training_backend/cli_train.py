@@ -310,15 +310,15 @@ def _methods(args: argparse.Namespace) -> int:
                                             (sup.sparse_masks, "sparse masks"),
                                             (sup.image_labels, "image labels"),
                                             (sup.unlabelled, "unlabelled images")) if flag]
-        rows.append({"name": name, "requires": list(sup.requires), "learns_from": learns,
-                     "description": cls.description})
+        rows.append({"name": name, "requires": list(sup.requires),
+                     "requires_all": list(sup.requires_all), "needs": sup.needs(),
+                     "learns_from": learns, "description": cls.description})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    names = {"full": "full", "sparse": "sparse", "image_label": "image labels"}
-    table = [(r["name"], " or ".join(names.get(x, x) for x in r["requires"]) or "-",
-              ", ".join(r["learns_from"]), r["description"]) for r in rows]
-    header = ("method", "needs one of", "learns from", "description")
+    table = [(r["name"], r["needs"] or "-", ", ".join(r["learns_from"]), r["description"])
+             for r in rows]
+    header = ("method", "needs", "learns from", "description")
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(3)]
     for row in [header, *table]:
         print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])

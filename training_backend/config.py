@@ -216,6 +216,15 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- methods
 #: The kinds of annotation a ``Supervision`` may name.
 DATA_KINDS = ("full", "sparse", "image_label", "unlabelled")
+#: What ``Supervision.requires_all`` may name besides `DATA_KINDS`: "maskless" counts the
+#: training cases without a usable mask, whatever image label they have (the images a
+#: semi-supervised method learns from without a mask).
+REQUIREMENT_KINDS = DATA_KINDS + ("maskless",)
+
+
+#: Words for the kinds in messages.
+KIND_WORDS = {"full": "full masks", "sparse": "sparse masks (scribbles)", "image_label": "image labels",
+              "unlabelled": "unlabelled images", "maskless": "images without a mask"}
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,9 @@ class Supervision:
     Args:
         full_masks, sparse_masks, image_labels, unlabelled: kinds of data the method uses.
         requires: at least one of these kinds ("full", "sparse", "image_label") must exist.
+        requires_all: and each of these too (`REQUIREMENT_KINDS`), e.g. ``("image_label",)``
+            for a method that needs masks *and* image labels, ``("maskless",)`` for one that
+            needs images without a mask besides the masked ones.
     """
 
     full_masks: bool
@@ -232,6 +244,25 @@ class Supervision:
     image_labels: bool
     unlabelled: bool
     requires: tuple[str, ...]
+    requires_all: tuple[str, ...] = ()
+
+    def met_by(self, counts: dict[str, int]) -> bool:
+        """Whether a project with ``counts`` cases per kind can train a method of this supervision.
+
+        Args:
+            counts: training cases per kind (keys of `REQUIREMENT_KINDS`; missing keys count 0;
+                without a "maskless" key it is "image_label" + "unlabelled", an upper bound).
+        """
+        have = dict(counts)
+        have.setdefault("maskless", have.get("image_label", 0) + have.get("unlabelled", 0))
+        return (any(have.get(k, 0) > 0 for k in self.requires)
+                and all(have.get(k, 0) > 0 for k in self.requires_all))
+
+    def needs(self) -> str:
+        """The requirement in words, e.g. "full masks or sparse masks (scribbles), and image labels"."""
+        any_of = " or ".join(KIND_WORDS.get(k, k) for k in self.requires)
+        all_of = [KIND_WORDS.get(k, k) for k in self.requires_all]
+        return ", and ".join([any_of] + all_of) if all_of else any_of
 
     @property
     def uses(self) -> tuple[str, ...]:
@@ -317,6 +348,120 @@ METHOD_CATALOG: dict[str, MethodSpec] = {spec.name: spec for spec in (
             "snapshot_ema": Option(0.995, "weight average of the snapshot during warmup (0: a plain copy at warmup)"),
             "snapshot_refresh": Option(0.7, "progress at which the snapshot is re-copied from the classifier once (0: never)"),
         }),
+    MethodSpec(
+        "caml",
+        Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=True,
+                    requires=("full", "sparse"), requires_all=("maskless",)),
+        "Two different U-Nets teach each other on the images without a mask (sharpened "
+        "pseudo-labels, attention across images, agreement of pixel similarities to annotated "
+        "pixels); predicts with the first, their disagreement is the uncertainty.",
+        {
+            "sup_weight": Option(0.5, "weight of each sub-model's supervised losses"),
+            "consistency": Option(1.0, "maximum weight of the sharpened cross pseudo-supervision"),
+            "occ_weight": Option(0.05, "maximum weight of the omni-correlation consistency"),
+            "rampup": Option(0.4, "fraction of training over which both weights ramp up (sigmoid)"),
+            "skip_below": Option(0.05, "no unlabelled passes while the ramp is below this share of its maximum"),
+            "temperature": Option(0.1, "sharpening temperature T of the cross pseudo-labels"),
+            "detach_targets": Option(True, "sharpened and correlation targets are constants "
+                                           "(false: gradients flow through them, as in the paper's code)"),
+            "tau": Option(0.1, "temperature of the correlation softmax"),
+            "occ_normalise": Option(False, "L2-normalise embeddings and bank entries (cosine "
+                                           "similarity) instead of the paper's raw dot products"),
+            "occ_topk": Option(512, "most confident agreeing unlabelled pixels per class in the correlation loss"),
+            "bank_size": Option(256, "memory bank entries per class (background included)"),
+            "bank_update": Option(64, "new bank entries per class per step (the oldest are overwritten)"),
+            "cma_stride": Option(8, "stride of the encoder level with cross-sample attention "
+                                    "(clamped to the bottleneck)"),
+            "cma_heads": Option(4, "attention heads of the cross-sample attention"),
+            "cma_dropout": Option(0.1, "dropout of the cross-sample attention layers"),
+        }),
+    MethodSpec(
+        "crii",
+        Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=True,
+                    requires=("full", "sparse"), requires_all=("maskless",)),
+        "Masks plus images without one: learns from the unmasked images where its coarse and "
+        "detailed predictions agree, and from the masks with ranking losses that sharpen lesion "
+        "borders and faint lesions (CRII-Net, reconstructed from its abstract).",
+        {
+            "coarse_stride": Option(4, "decoder stride of the coarse prediction (a power of 2)"),
+            "refine_width": Option(8, "hidden channels of the module refining the prediction with the coarse one"),
+            "coarse_weight": Option(0.4, "weight of the coarse prediction's Dice+CE and of its consistency term"),
+            "intra_weight": Option(0.2, "weight of the intra-patch (pixel, boundary) ranked loss"),
+            "intra_margin": Option(0.5, "cosine margin of the intra-patch ranked loss"),
+            "intra_patches": Option(32, "most boundary patches per step for the intra-patch loss"),
+            "inter_weight": Option(0.2, "weight of the inter-patch (lesion vs background patch) ranked loss"),
+            "inter_margin": Option(0.5, "cosine margin of the inter-patch ranked loss"),
+            "inter_hard": Option(0.25, "share of the least separable patch pairs the inter-patch loss averages"),
+            "patch_size": Option(16, "side of the patches of the ranked losses, in pixels (a multiple of coarse_stride)"),
+            "min_pixels": Option(4, "labelled pixels a class needs in a patch to count"),
+            "embed_dim": Option(16, "channels of the pixel and patch embeddings the ranked losses compare"),
+            "ema_decay": Option(0.99, "teacher = decay * teacher + (1 - decay) * student"),
+            "consistency": Option(1.0, "maximum weight of the consistency on images without a mask"),
+            "rampup": Option(0.3, "fraction of training over which the consistency weight ramps up"),
+            "skip_below": Option(0.05, "no unlabelled passes while the weight is below this share of its maximum"),
+            "confidence": Option(0.9, "teacher probability for a pseudo-label pixel"),
+            "stable": Option(True, "pseudo-labels only where the teacher's coarse and refined predictions agree"),
+            "agreement": Option(1.0, "weight of the coarse-refined agreement of the student (times the ramped weight)"),
+            "noise": Option(0.1, "std of the Gaussian input noise on the student's images"),
+        }),
+    MethodSpec(
+        "mcwss",
+        Supervision(full_masks=False, sparse_masks=False, image_labels=True, unlabelled=False,
+                    requires=("image_label",)),
+        "Image labels only (MCWSS): two-level class activation maps for each lesion class or "
+        "image class, kept apart from each other and compared across images sharing a class, "
+        "turned into pseudo-masks for the segmenter.",
+        {
+            "warmup": Option(0.4, "fraction of training before the segmenter starts (and the snapshot is taken)"),
+            "cam_hi": Option(0.2, "CAM product (over its image maximum) above this: lesion"),
+            "cam_lo": Option(0.05, "CAM product (over its image maximum) below this: background"),
+            "cam_relative": Option(True, "pseudo-masks threshold the CAM product over its per-image maximum (false: the raw product)"),
+            "seg_weight": Option(1.0, "weight of the pseudo-mask losses after the ramp"),
+            "superpixels": Option(0, "SLIC superpixels for CAM refinement (0: off)"),
+            "pseudo_source": Option("snapshot", "CAMs for pseudo-masks: 'snapshot' (network frozen at warmup) or 'live'"),
+            "snapshot_ema": Option(0.995, "weight average of the snapshot during warmup (0: a plain copy at warmup)"),
+            "snapshot_refresh": Option(0.7, "progress at which the snapshot is re-copied from the network once (0: never)"),
+            "cam_weight": Option(1.0, "weight of the whole MCWSS CAM loss beside presence and segmentation"),
+            "balance_cam": Option(True, "the CAM loss weighs positive and negative images like the classification ([p, 1-p]; false: equally, as the paper)"),
+            "excl_weight": Option(0.2, "weight of the mutual-exclusion terms (erasure + overlap) in each branch"),
+            "overlap_weight": Option(0.1, "weight of the overlap penalty within the exclusion terms"),
+            "overlap_reward": Option(0.1, "weight of the union reward inside the overlap penalty"),
+            "coatt_weight": Option(0.1, "weight of the co-attended branch's loss (0 with align_weight 0: no co-attention)"),
+            "align_weight": Option(0.1, "weight of the alignment of original and co-attended CAMs"),
+        }),
+    MethodSpec(
+        "dual_unet",
+        Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=False,
+                    requires=("full", "sparse"), requires_all=("image_label",)),
+        "SKS: a classifier first learns the image labels of every case, then a U-Net learns "
+        "the masks with the classifier's features fused in at every level.",
+        {
+            "stage1": Option(0.1, "fraction of training spent on the classifier alone before the U-Net starts"),
+            "freeze_classifier": Option(True, "the segmentation loss does not change the classifier (its features enter detached)"),
+            "classifier_weight": Option(1.0, "weight of the classifier's own image-label loss after stage 1 (0 with freezing: fully frozen)"),
+            "fuse_down": Option(True, "fused features also feed the next U-Net encoder level (false: only the decoder's skips)"),
+        }),
+    MethodSpec(
+        "collaborative",
+        Supervision(full_masks=True, sparse_masks=True, image_labels=True, unlabelled=False,
+                    requires=("full", "sparse"), requires_all=("image_label",)),
+        "A few masks plus image labels on many cases: a segmenter and a lesion-attentive grader "
+        "teach each other; the grader's attention turns the segmenter's maps into pseudo-masks "
+        "on the image-labelled cases, and a discriminator keeps those maps mask-like.",
+        {
+            "pretrain": Option(0.3, "fraction of the run in which the segmenter learns from the masks only (the grader learns beside it)"),
+            "cycles": Option(7, "alternating cycles after pretraining, each a segmenter window then a grader window"),
+            "segmenter_share": Option(0.5, "share of each cycle in which the segmenter learns from pseudo-masks (the rest trains the grader)"),
+            "pseudo_weight": Option(0.5, "weight of the pseudo-mask losses (CE + Dice) after the ramp"),
+            "pseudo_hi": Option(0.5, "refined map above this: lesion (for a class labelled present)"),
+            "pseudo_lo": Option(0.1, "refined map below this for every class not known absent: background"),
+            "pseudo_min_peak": Option(0.25, "a present class whose map peaks below this leaves the image unlabelled; weaker maps are not stretched"),
+            "rampup": Option(0.2, "fraction of the run over which the pseudo-mask and adversarial weights ramp up after pretraining"),
+            "attention": Option(True, "refine the segmenter's maps with the grader's attention (false: its maps alone)"),
+            "adversarial": Option(True, "discriminator on image + lesion maps (masks real, segmenter's maps on image-labelled cases fake)"),
+            "adv_weight": Option(0.01, "weight of the segmenter's adversarial term after the ramp"),
+            "gate_on": Option("segmenter", "presence that gates predictions: 'segmenter' (its presence head, trained on every image label), 'grader', or 'both' (their mean)"),
+        }),
 )}
 
 
@@ -324,14 +469,13 @@ def available_methods(counts: dict[str, int], catalog: dict[str, MethodSpec] | N
     """Names of the methods whose ``requires`` is met by ``counts`` (sorted).
 
     Args:
-        counts: number of cases per kind: keys "full", "sparse", "image_label", "unlabelled"
-            (missing keys count 0).
+        counts: number of cases per kind: keys "full", "sparse", "image_label", "unlabelled",
+            "maskless" (see `Supervision.met_by`).
         catalog: the methods to choose from (default: `METHOD_CATALOG`).
     """
     specs = METHOD_CATALOG if catalog is None else catalog
-    return sorted(n for n, spec in specs.items()
-                  if any(counts.get(k, 0) > 0 for k in spec.supervision.requires))
+    return sorted(n for n, spec in specs.items() if spec.supervision.met_by(counts))
 
 
-__all__ = ["DEFAULT_BUDGET_S", "ModelConfig", "TrainConfig", "DATA_KINDS", "Supervision", "Option",
+__all__ = ["DEFAULT_BUDGET_S", "ModelConfig", "TrainConfig", "DATA_KINDS", "REQUIREMENT_KINDS", "KIND_WORDS", "Supervision", "Option",
            "MethodSpec", "COMMON_OPTIONS", "METHOD_CATALOG", "available_methods"]

@@ -49,6 +49,9 @@ class Prediction:
     presence: Tensor  # (B, K) probabilities that lesion class k is present
     image_class: Tensor | None  # (B, n_image_classes) softmax, or None
     features: Tensor  # (B, F) pooled encoder features
+    #: the method's own uncertainty in [0, 1], where it has one (e.g. the disagreement of two
+    #: sub-models); inference stores it beside the MC-dropout one. None: MC dropout only.
+    uncertainty: Tensor | None = None  # (B, H, W)
 
 
 __all__ = ["Batch", "Prediction", "Supervision"]

@@ -467,12 +467,13 @@ def build_training_set(project: Project, image_size: int, supervision: Supervisi
     val_ids = set(select_validation(full_ids, seed)) if validation else set()
 
     rows: list[tuple[CaseRecord, str]] = []  # (record, group) group ∈ mask | image | unlabelled | val
-    counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0}
+    counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0, "maskless": 0}
     for rec in records:
         if rec.id in val_ids:
             rows.append((rec, "val"))
             continue
         kind = None if rec.latest is None or rec.latest.labelled_fraction <= 0 else rec.latest.kind
+        counts["maskless"] += kind is None
         has_info = rec.image_label is not None or bool(rec.presence) or kind == "full"
         if kind is not None:
             counts[kind] += 1

@@ -8,7 +8,9 @@ robust normalisation, the model's channel count), then
   gives ``tta_var``;
 * ``mc_samples`` MC-dropout passes: the stored probability map is the mean of the deterministic
   (flip-averaged) and the MC-dropout means; the mutual information (BALD) between prediction and
-  dropout mask is the stored uncertainty map;
+  dropout mask is the stored uncertainty map, unless the method has an uncertainty of its own
+  (``Prediction.uncertainty``, e.g. the disagreement of two sub-models: flip-averaged, stored
+  instead, and its mean is the ``disagreement`` score);
 * *presence gating*, once, on the presence pooled over the passes: a lesion class whose evidence
   (the presence probability; with the method's ``gate_segmentation`` option, its geometric mean
   with the segmentation's strongest pixel of that class) is below the method's
@@ -153,11 +155,11 @@ def _forward(method: "Method", x: torch.Tensor, dropout: bool, image_size: int):
     """Prediction heads for a batch; sliding window when ``x`` is larger than ``image_size``.
 
     Returns (probs (B, K+1, H, W), cams (B, K, H, W), presence (B, K), image_class or None,
-    features (B, F)).
+    features (B, F), the method's own uncertainty (B, H, W) or None).
     """
     if max(x.shape[-2:]) <= image_size:
         pred = method.predict(x, dropout=dropout, gate=False)
-        return pred.probs, pred.cams, pred.presence, pred.image_class, pred.features
+        return pred.probs, pred.cams, pred.presence, pred.image_class, pred.features, pred.uncertainty
     from monai.inferers import sliding_window_inference
 
     small = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
@@ -165,15 +167,20 @@ def _forward(method: "Method", x: torch.Tensor, dropout: bool, image_size: int):
     glob = method.predict(small, dropout=dropout, gate=False)
     k1 = glob.probs.shape[1]
 
+    own = glob.uncertainty is not None
+
     def spatial(t: torch.Tensor) -> torch.Tensor:
         p = method.predict(t, dropout=dropout, gate=False)
-        return torch.cat([p.probs, p.cams], 1)  # (b, K+1+K, S, S)
+        parts = [p.probs, p.cams] + ([p.uncertainty[:, None]] if own else [])
+        return torch.cat(parts, 1)  # (b, K+1+K[+1], S, S)
 
     maps = sliding_window_inference(x, roi_size=(image_size, image_size), sw_batch_size=4,
                                     predictor=spatial, overlap=0.25, mode="gaussian")
     probs = maps[:, :k1].clamp_min(0)
     probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
-    return probs, maps[:, k1:].clamp(0, 1), glob.presence, glob.image_class, glob.features
+    k = glob.cams.shape[1]
+    unc = maps[:, 2 * k1 - 1].clamp(0, 1) if own else None
+    return probs, maps[:, k1:k1 + k].clamp(0, 1), glob.presence, glob.image_class, glob.features, unc
 
 
 def predict_image(method: "Method", image: np.ndarray, channels: int, image_size: int,
@@ -205,7 +212,7 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         method.eval()
     with torch.no_grad():
         batch = torch.cat([x, x.flip(-1)]) if tta else x  # (2 or 1, C, S, S): image, flipped
-        probs, cams, presence, image_class, features = _forward(method, batch, False, image_size)
+        probs, cams, presence, image_class, features, own_unc = _forward(method, batch, False, image_size)
         p_det = probs[0]  # (K+1, S, S)
         p_flip = probs[1].flip(-1) if tta else p_det
         cam = 0.5 * (cams[0] + cams[1].flip(-1)) if tta else cams[0]  # (K, S, S)
@@ -231,6 +238,10 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         cam = cam.mul_(pres[:, None, None])  # (K, S, S)
         ent = _entropy(prob, 0).div_(log_c)  # (S, S) in [0, 1]
         unc = bald if mc_samples >= 2 else ent
+        disagreement = None
+        if own_unc is not None:  # the method's own (e.g. its two sub-models disagreeing)
+            disagreement = 0.5 * (own_unc[0] + own_unc[1].flip(-1)) if tta else own_unc[0]  # (S, S)
+            unc = disagreement
         # variance of the two passes
         tta_var = (((p_det - p_flip) / 2) ** 2).sum(0) if tta else None  # (S, S)
         # lesion region (a scalar score needs no full resolution: at most 128 px): predicted
@@ -283,6 +294,8 @@ def predict_image(method: "Method", image: np.ndarray, channels: int, image_size
         # what the gate compared with its threshold (gate_evidence)
         "gate_evidence": [float(v) for v in evidence[0].cpu()],
         "uncertainty_mean": float(unc.mean()),
+        # the method's own uncertainty (sub-models disagreeing), where it has one
+        "disagreement": 0.0 if disagreement is None else float(disagreement.mean()),
     }
     return {
         "pred": pred_full.cpu().numpy(),  # uint8

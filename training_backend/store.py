@@ -882,13 +882,16 @@ class Project:
 
     # ---- summary
     def supervision_counts(self) -> dict[str, int]:
-        """How many (training-split) cases have each kind of supervision (for method choice)."""
-        counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0}
+        """How many (training-split) cases have each kind of supervision (for method choice);
+        "maskless" counts the cases without a mask, whatever image label they have."""
+        counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0, "maskless": 0}
         for rec in self.cases():
             if rec.split == "holdout":
                 continue
             if rec.latest is not None:
                 counts[rec.latest.kind] += 1
+            else:
+                counts["maskless"] += 1
             if rec.image_label is not None or rec.presence:
                 counts["image_label"] += 1
             if rec.latest is None and rec.image_label is None and not rec.presence:

@@ -31,7 +31,7 @@ from training_backend.events import (CheckpointSaved, Event, Failed, Finished, L
 from training_backend.checkpoints import (CHECKPOINT_FORMAT, latest_model_with_checkpoint, link_latest,
                                           load_checkpoint, model_dir, new_model_id, resolve_device,
                                           save_checkpoint)
-from training_backend.config import DEFAULT_BUDGET_S, TrainConfig  # noqa: F401  (re-exported)
+from training_backend.config import DEFAULT_BUDGET_S, KIND_WORDS, TrainConfig  # noqa: F401  (re-exported)
 from training_backend.store import Project, atomic_write_json, now_iso
 
 #: Step checkpoints kept per model (plus ``latest.pt``).
@@ -267,12 +267,9 @@ class _Run:
                                 channels=self.channels, seed=self.cfg.seed,
                                 preprocessor=self.preprocessor, validation=not self.folded)
         counts = ts.counts
-        requires = tuple(self.supervision.requires)
-        if requires and not any(counts.get(r, 0) > 0 for r in requires):
-            names = {"full": "full masks", "sparse": "sparse masks (scribbles)",
-                     "image_label": "image labels", "unlabelled": "unlabelled images"}
-            need = " or ".join(names.get(r, r) for r in requires)
-            have = ", ".join(f"{v} {names[k_]}" for k_, v in counts.items())
+        if self.supervision.requires and not self.supervision.met_by(counts):
+            need = self.supervision.needs()
+            have = ", ".join(f"{v} {KIND_WORDS[k_]}" for k_, v in counts.items())
             raise ProjectError(f"{self.project.path}: method {self.cfg.method!r} needs {need} "
                                f"on training cases; the project has {have}")
         if ts.labelled.numel() == 0:

@@ -20,6 +20,7 @@ from training_backend.methods.base import (
 
 # importing the built-in methods registers them
 from training_backend.methods import cam, mean_teacher, supervised  # noqa: E402,F401  isort: skip
+from training_backend.methods import caml, collaborative, crii, dual_unet, mcwss  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "COMMON_OPTIONS",

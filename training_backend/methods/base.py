@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from training_backend.config import COMMON_OPTIONS as COMMON_OPTION_SPECS
-from training_backend.config import DATA_KINDS, METHOD_CATALOG, MethodSpec, Supervision
+from training_backend.config import DATA_KINDS, METHOD_CATALOG, REQUIREMENT_KINDS, MethodSpec, Supervision
 from training_backend.config import available_methods as _available_in
 from training_backend.contract import Batch, Prediction
 from training_backend.errors import InputError
@@ -92,6 +92,25 @@ def gate_prediction(pred: Prediction, threshold: float = 0.5,
         return pred
     evidence = gate_evidence(pred.probs, pred.presence, use_segmentation)
     return replace(pred, probs=gate_probs(pred.probs, evidence, threshold))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, ema_decay: float, step: int) -> None:
+    """Mean-teacher update after a step: ``teacher = d * teacher + (1 - d) * student`` with
+    ``d = min(ema_decay, 1 - 1/(step + 1))`` (a plain average over the first steps); buffers
+    (batch-norm statistics) are copied from the student.
+
+    Args:
+        teacher: the EMA copy (same structure as ``student``).
+        student: the network being trained.
+        ema_decay: the decay once ``step`` is large.
+        step: the global step just taken.
+    """
+    decay = min(float(ema_decay), 1.0 - 1.0 / (step + 1))
+    for tp, sp in zip(teacher.parameters(), student.parameters()):
+        tp.mul_(decay).add_(sp.detach(), alpha=1.0 - decay)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)  # batch-norm statistics follow the student
 
 
 #: Options every method accepts (``TrainConfig.method_options``), with their defaults (their
@@ -360,6 +379,7 @@ def register(cls: type[Method]) -> type[Method]:
     if not cls.name or not isinstance(getattr(cls, "supervision", None), Supervision):
         raise TypeError(f"{cls.__name__} needs a name and a Supervision")
     bad = sorted(set(cls.supervision.requires) - set(DATA_KINDS))
+    bad += sorted(set(cls.supervision.requires_all) - set(REQUIREMENT_KINDS))
     if bad:
         raise TypeError(f"{cls.__name__}.supervision.requires names unknown kinds {bad}")
     METHODS[cls.name] = cls

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from training_backend.losses import sigmoid_rampup, softmax_mse
 from training_backend.config import METHOD_CATALOG
-from training_backend.methods.base import Batch, Method, register
+from training_backend.methods.base import Batch, Method, ema_update, register
 from training_backend.models import NetOutput, UNet
 
 
@@ -208,10 +208,5 @@ class MeanTeacher(Method):
         losses["consistency"] = consistency.detach()
         return losses
 
-    @torch.no_grad()
     def after_step(self, step: int, progress: float) -> None:
-        decay = min(float(self.options["ema_decay"]), 1.0 - 1.0 / (step + 1))
-        for tp, sp in zip(self.teacher.parameters(), self.net.parameters()):
-            tp.mul_(decay).add_(sp.detach(), alpha=1.0 - decay)
-        for tb, sb in zip(self.teacher.buffers(), self.net.buffers()):
-            tb.copy_(sb)  # batch-norm statistics follow the student
+        ema_update(self.teacher, self.net, self.options["ema_decay"], step)
