@@ -4,15 +4,19 @@ Runs, each for the same wall-clock budget (default 300 s) on the same train/hold
 
   baseline   plain MONAI BasicUNet (16-16-32-64-128, DiceCE, Adam 1e-3, batch 16, 128 px,
              flips), all masks, in a bare torch loop written here (the bar to beat)
-  sup100     our `supervised` default: all masks + image labels
-  sup10      `supervised` with masks (and labels) on 10 % of the training cases only
-  mt10       `mean_teacher`: the same 10 % masks, the other 90 % as unlabelled images
-  sup10b     `supervised`: the same 10 % masks, an image label on every training case
-  mt10b      `mean_teacher`: the same 10 % masks, an image label on every training case
-  cam        `cam`: image labels (normal/benign/malignant) only, no masks at all
+  <m><p>     method <m> with full masks on <p> % of the training cases (the 5 % are a subset of
+             the 10 %), image labels on those cases only, every other case unlabelled;
+  <m><p>b    the same masks plus an image label (normal/benign/malignant) on every training case;
+             <m>: sup (`supervised`), mt (`mean_teacher`), caml, crii, dual (`dual_unet`),
+             collab (`collaborative`); e.g. sup100 (all masks), sup10, mt10b, caml5b
+  cam        `cam`: image labels only, no masks at all
+  mcwss      `mcwss`: image labels only, no masks at all
 
 and reports, on the holdout cases (never trained on): mean Dice, IoU and HD95 over lesion cases,
-and the share of normal (lesion-free) images whose predicted mask is empty. Our models are
+and the share of normal (lesion-free) images whose predicted mask is empty; the image-level
+AUC of lesion presence (the presence probability against "has a lesion"), the one-vs-rest AUC
+of the image-class head (normal/benign/malignant, averaged over the classes); and the share of
+holdout lesion images whose CAM peak falls inside the lesion. Our models are
 predicted as the product predicts (flip TTA + MC dropout, the method's own gate); beside that,
 from the same ungated predictions, what the other gating rules would give (`gate_presence`:
 presence head alone; `ungated`). Each run can be repeated over ``--seeds`` (training seed; the
@@ -47,9 +51,28 @@ sys.path.insert(0, str(ROOT))
 from training_backend.store import Project  # noqa: E402
 
 RUNS = ("baseline", "sup100", "sup10", "mt10", "cam")
-METHOD_OF = {"sup100": "supervised", "sup10": "supervised", "mt10": "mean_teacher",
-             "sup10b": "supervised", "mt10b": "mean_teacher", "cam": "cam"}
+#: run-name prefix -> method
+SHORT = {"sup": "supervised", "mt": "mean_teacher", "caml": "caml", "crii": "crii",
+         "dual": "dual_unet", "collab": "collaborative"}
+#: methods that learn from image labels alone (no mask at all in their runs)
+LABEL_ONLY = ("cam", "mcwss")
 HOLDOUT_FRACTION = 0.2
+
+
+def parse_run(run: str) -> tuple[str, float, bool] | None:
+    """``(method, mask fraction, labels on every case)`` of a run name, None when it is not one.
+
+    Args:
+        run: e.g. "sup10b", "caml5", "mcwss".
+    """
+    import re
+
+    if run in LABEL_ONLY:
+        return run, 0.0, True
+    m = re.fullmatch(r"([a-z]+?)(\d+)(b?)", run)
+    if not m or m.group(1) not in SHORT or not 0 < int(m.group(2)) <= 100:
+        return None
+    return SHORT[m.group(1)], int(m.group(2)) / 100, bool(m.group(3)) or m.group(2) == "100"
 
 
 def _split(project: Project, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -91,7 +114,8 @@ def base_project(data: Path, out: Path) -> Path:
 
 
 def scenario_project(base: Path, out: Path, run: str, seed: int = 0) -> Path:
-    """A copy of the base project with the annotations this scenario is allowed to see."""
+    """A copy of the base project with the annotations this scenario is allowed to see
+    (`parse_run`; the baseline sees every mask)."""
     dest = out / f"{run}"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(base, dest)
@@ -100,18 +124,16 @@ def scenario_project(base: Path, out: Path, run: str, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     order = [r.id for r in train]
     rng.shuffle(order)
-    n10 = max(1, int(round(0.1 * len(order))))
+    _, fraction, all_labels = parse_run(run) if run != "baseline" else ("", 1.0, False)
+    n_masked = 0 if fraction == 0 else max(1, int(round(fraction * len(order))))
+    masked_ids = set(order[:n_masked])
     with project.batch(flush_every_s=3600):
-        for i, rec in enumerate(project.cases()):
-            if rec.split != "train":
-                continue
-            masked = run in ("baseline", "sup100") or (run != "cam" and rec.id in order[:n10])
-            labelled = run in ("sup100", "cam", "sup10b", "mt10b") or (
-                run in ("sup10", "mt10") and rec.id in order[:n10])
+        for rec in train:
+            masked = rec.id in masked_ids
             if masked:
                 project.save_annotation(rec.id, project.read_reference(rec.id), "full",
                                         author="simulated", source="reference")
-            if labelled:
+            if (all_labels or masked) and run != "baseline":
                 project.set_image_label(rec.id, rec.reference_label, author="simulated")
     return dest
 
@@ -211,8 +233,10 @@ def predict_ours(project_path: Path, model_id: str):
     channels = method.in_channels
 
     def predict(image: np.ndarray):
-        out = predict_image(method, image, channels, cfg.image_size, cfg.mc_samples, "cpu")
-        return out["pred"], out["scores"]
+        out = predict_image(method, image, channels, cfg.image_size, cfg.mc_samples, "cpu",
+                            image_classes=project.image_classes)
+        cam = out["cam"].astype(np.float32).max(0)  # (H, W)
+        return out["pred"], {**out["scores"], "cam_peak": np.unravel_index(int(cam.argmax()), cam.shape)}
 
     return predict, threshold, use_seg
 
@@ -230,7 +254,10 @@ def score(project_path: Path, predict, rules: dict) -> dict:
         ref = project.read_reference(rec.id)
         pred, scores = predict(project.read_image(rec.id))
         lesion = bool(np.any(ref > 0))
+        peak = scores.get("cam_peak")
         cases.append({"lesion": lesion, "presence": (scores.get("presence") or [None])[0],
+                      "label": rec.reference_label, "image_class": scores.get("image_class") or None,
+                      "cam_in_lesion": bool(ref[peak] > 0) if (lesion and peak is not None) else None,
                       "seg": (scores.get("segmentation_presence") or [None])[0],
                       "frac": scores.get("lesion_frac"),
                       "dice": case_metrics(pred, ref, 1)["dice"][0] if lesion else None})
@@ -246,6 +273,19 @@ def score(project_path: Path, predict, rules: dict) -> dict:
                   "hd95": float(np.mean(r["hd95"])), "empty_rate": float(np.mean(r["empty"])),
                   "n_lesion": len(r["dice"]), "n_lesion_free": len(r["empty"])}
            for name, r in res.items()}
+    from training_backend.metrics import binary_auc
+
+    pres = [(c["presence"], c["lesion"]) for c in cases if c["presence"] is not None]
+    in_lesion = [c["cam_in_lesion"] for c in cases if c["cam_in_lesion"] is not None]
+    out["image_auc"] = binary_auc([p for p, _ in pres], [l for _, l in pres]) if pres else None
+    # the image-class head (collaborative: the grader): one-vs-rest AUC averaged over classes
+    graded = [c for c in cases if c["image_class"] and c["label"] in c["image_class"]]
+    names = sorted(graded[0]["image_class"]) if graded else []
+    aucs = [binary_auc([c["image_class"][n] for c in graded], [c["label"] == n for c in graded])
+            for n in names]
+    aucs = [a for a in aucs if np.isfinite(a)]
+    out["class_auc"] = float(np.mean(aucs)) if aucs else None
+    out["cam_in_lesion"] = float(np.mean(in_lesion)) if in_lesion else None
     out["cases"] = cases
     return out
 
@@ -267,6 +307,8 @@ def main() -> int:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (default 0)")
     ap.add_argument("--tag", default="", help="name of this variant in the table")
+    ap.add_argument("--score-only", action="store_true",
+                    help="score the models the last run of each name left in --out (no training)")
     ap.add_argument("--lr", type=float, help="learning rate of our runs (default: the trainer's)")
     ap.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
                     help="method option for our runs (repeatable), e.g. -o cam_hi=0.35")
@@ -289,21 +331,28 @@ def main() -> int:
     base = base_project(data, out)
     rows = []
     for run in args.runs.split(","):
-        if run != "baseline" and run not in METHOD_OF:
-            raise SystemExit(f"bench_busi: unknown run {run!r} (baseline, {', '.join(METHOD_OF)})")
+        if run != "baseline" and parse_run(run) is None:
+            raise SystemExit(f"bench_busi: unknown run {run!r} (baseline, {', '.join(LABEL_ONLY)}, "
+                             f"or <{'|'.join(SHORT)}><percent>[b], e.g. sup10b)")
         for seed in seeds:
             print(f"== {run} seed {seed} {args.tag} ({args.budget_s:.0f} s)", flush=True)
-            path = scenario_project(base, out, run)
+            path = out / run if args.score_only else scenario_project(base, out, run)
             t = time.perf_counter()
+            if args.score_only and run != "baseline":
+                method = parse_run(run)[0]
+                steps = int(Project.open(path).models()[method].get("step", 0))
+                predict, threshold, use_seg = predict_ours(path, method)
             if run == "baseline":
                 predict, steps = train_baseline(path, args.budget_s, seed=seed)
-                results = score(path, lambda im: (predict(im), {}), {"ungated": lambda s: True})
+                rules = {"ungated": lambda s: True}
+                results = score(path, lambda im: (predict(im), {}), rules)
                 results["product"] = results["ungated"]
-                results["cases"] = []
             else:
-                steps = train_ours(path, METHOD_OF[run], args.budget_s, method_options=options,
-                                   seed=seed, **settings)
-                predict, threshold, use_seg = predict_ours(path, METHOD_OF[run])
+                if not args.score_only:
+                    method = parse_run(run)[0]
+                    steps = train_ours(path, method, args.budget_s, method_options=options,
+                                       seed=seed, **settings)
+                    predict, threshold, use_seg = predict_ours(path, method)
                 rules = {
                     "product": lambda s: threshold <= 0 or s["gate_evidence"][0] >= threshold,
                     "gate_presence": lambda s: s["presence"][0] >= threshold,
@@ -317,9 +366,11 @@ def main() -> int:
             row = {"run": run, "tag": args.tag, "seed": seed, "budget_s": args.budget_s,
                    "steps": steps, "wall_s": round(wall, 1),
                    **{k: prod[k] for k in ("dice", "iou", "hd95", "empty_rate")},
+                   "image_auc": results.get("image_auc"), "class_auc": results.get("class_auc"),
+                   "cam_in_lesion": results.get("cam_in_lesion"),
                    "n_lesion": prod["n_lesion"], "n_lesion_free": prod["n_lesion_free"],
                    "rules": {k: {m: round(v[m], 4) for m in ("dice", "empty_rate")}
-                             for k, v in results.items() if k != "cases"},
+                             for k, v in results.items() if k in rules or k == "product"},
                    "cases": results["cases"],
                    **({"options": options} if run != "baseline" and options else {}),
                    **({"settings": settings} if run != "baseline" and settings else {}),
@@ -346,14 +397,17 @@ def print_table(rows: list[dict]) -> None:
         return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
 
     print("\n| run | seeds | steps | holdout lesion Dice | IoU | HD95 (px) | normal images left empty "
-          "| Dice, presence gate | empty, presence gate | Dice ungated |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| image AUC | class AUC | CAM peak in lesion | Dice, presence gate | empty, presence gate "
+          "| Dice ungated |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (run, tag), rs in groups.items():
         rule = lambda name, m: stat([r["rules"].get(name, {}).get(m) for r in rs])  # noqa: E731
         print(f"| {run}{' ' + tag if tag else ''} | {','.join(str(r['seed']) for r in rs)} | "
               f"{stat([r['steps'] for r in rs], 0)} | {stat([r['dice'] for r in rs])} | "
               f"{stat([r['iou'] for r in rs])} | {stat([r['hd95'] for r in rs], 1)} | "
-              f"{stat([r['empty_rate'] for r in rs], 2)} | {rule('gate_presence', 'dice')} | "
+              f"{stat([r['empty_rate'] for r in rs], 2)} | {stat([r.get('image_auc') for r in rs])} | "
+              f"{stat([r.get('class_auc') for r in rs])} | "
+              f"{stat([r.get('cam_in_lesion') for r in rs], 2)} | {rule('gate_presence', 'dice')} | "
               f"{rule('gate_presence', 'empty_rate')} | {rule('ungated', 'dice')} |")
 
 
