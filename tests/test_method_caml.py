@@ -236,3 +236,12 @@ def test_resumed_run_is_identical():
 def test_paper_variant_passes_the_contract():
     """Gradients through the targets and cosine correlations: the same contract."""
     contract.test_method_contract("caml", {"detach_targets": False, "occ_normalise": True}, 1, 1, 0)
+
+
+def test_options_that_would_divide_by_zero_are_refused():
+    from training_backend.errors import InputError
+    from training_backend.methods import create_method
+
+    for bad in ({"temperature": 0.0}, {"temperature": 0.005}, {"tau": 0.0}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            create_method("caml", in_channels=1, n_classes=1, n_image_classes=0, **bad)

@@ -228,6 +228,8 @@ def test_prediction_comes_from_g_and_the_grader():
     assert torch.allclose(m.predict(x, gate=False).presence, both, atol=1e-5)
     with pytest.raises(InputError, match="gate_on"):
         build("collaborative", {"gate_on": "nobody"}, 3, 2, 3)
+    with pytest.raises(InputError, match="pseudo_min_peak"):  # the refinement divides by it
+        build("collaborative", {"pseudo_min_peak": 0.0}, 3, 2, 3)
 
 
 @pytest.mark.parametrize("window", [0.1, 0.32, 0.39])

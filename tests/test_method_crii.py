@@ -256,8 +256,9 @@ def test_student_targets_follow_the_cutmix_box(monkeypatch):
     monkeypatch.setattr(crii, "cutmix_boxes", lambda n, size, area, device=None: box)
     m.train()
     x_s, labels, keep = m._student_inputs(u)
+    assert m.teacher.training  # the teacher's mode is restored after its clean pass
     with torch.no_grad():
-        own = m.teacher(u).net.seg_logits.argmax(1)  # (3, S, S) the teacher's clean labels
+        own = m.teacher.eval()(u).net.seg_logits.argmax(1)  # (3, S, S) the teacher's clean labels
     prev = torch.roll(own, 1, 0)
     assert torch.equal(x_s, u * (1 - box) + torch.roll(u, 1, 0) * box)
     assert torch.equal(labels[:, :20, :20], prev[:, :20, :20])

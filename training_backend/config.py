@@ -360,7 +360,7 @@ METHOD_CATALOG: dict[str, MethodSpec] = {spec.name: spec for spec in (
             "consistency": Option(1.0, "maximum weight of the sharpened cross pseudo-supervision"),
             "occ_weight": Option(0.05, "maximum weight of the omni-correlation consistency"),
             "rampup": Option(0.4, "fraction of training over which both weights ramp up (sigmoid)"),
-            "skip_below": Option(0.05, "no unlabelled passes while the ramp is below this share of its maximum"),
+            "skip_below": Option(0.05, "no unlabelled passes (and no cross-supervision or correlation loss) while the ramp is below this share of its maximum"),
             "temperature": Option(0.1, "sharpening temperature T of the cross pseudo-labels"),
             "detach_targets": Option(True, "sharpened and correlation targets are constants "
                                            "(false: gradients flow through them, as in the paper's code)"),

@@ -890,7 +890,7 @@ class Project:
                 continue
             if rec.latest is not None:
                 counts[rec.latest.kind] += 1
-            else:
+            if rec.latest is None or rec.latest.labelled_fraction <= 0:  # as the trainer counts
                 counts["maskless"] += 1
             if rec.image_label is not None or rec.presence:
                 counts["image_label"] += 1

@@ -395,6 +395,11 @@ class CAML(Method):
         for name in ("bank_size", "bank_update", "occ_topk"):
             if int(o[name]) < 1:
                 raise InputError("method_options", f"option {name!r} must be at least 1, got {o[name]}")
+        # 0.5 ** (1 / T) underflows in float32 below T of about 0.008: sharpening gives NaN
+        if not float(o["temperature"]) >= 0.01:
+            raise InputError("method_options", f"option 'temperature' must be at least 0.01, got {o['temperature']}")
+        if not float(o["tau"]) > 0:
+            raise InputError("method_options", f"option 'tau' must be > 0, got {o['tau']}")
         self.vanilla = self.build_unet()
         self.aux = AuxUNet(in_channels, n_classes, n_image_classes, cfg,
                            cma_level=min(int(math.log2(stride)), cfg.depth),

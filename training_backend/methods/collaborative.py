@@ -357,6 +357,8 @@ class Collaborative(Method):
             raise InputError("cycles", f"must be at least 1, got {o['cycles']!r}")
         if not 0.0 <= o["segmenter_share"] <= 1.0:
             raise InputError("segmenter_share", f"must be in [0, 1], got {o['segmenter_share']!r}")
+        if not o["pseudo_min_peak"] > 0:
+            raise InputError("pseudo_min_peak", f"must be > 0, got {o['pseudo_min_peak']!r}")
         if o["gate_on"] not in ("segmenter", "grader", "both"):
             raise InputError("gate_on", f"must be 'segmenter', 'grader' or 'both', got {o['gate_on']!r}")
         self.net = self.build_unet()  # G

@@ -587,8 +587,12 @@ class CRII(Method):
             student images (U, C, S, S), labels (U, S, S), keep (U, S, S).
         """
         o = self.options
+        was_training = self.teacher.training
         self.teacher.train(False)  # the teacher's clean prediction
-        t = self.teacher(u)
+        try:
+            t = self.teacher(u)
+        finally:
+            self.teacher.train(was_training)
         labels, keep = stable_pseudo_labels(torch.softmax(t.net.seg_logits, 1),
                                             torch.softmax(t.coarse_logits, 1),
                                             o["confidence"], o["stable"])
