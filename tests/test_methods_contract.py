@@ -246,9 +246,12 @@ def test_superpixel_mean_is_piecewise_constant():
     assert torch.allclose(out.mean(), maps.mean(), atol=0.05)
 
 
-def test_mean_teacher_ema_and_state():
+@pytest.mark.parametrize("name", ["mean_teacher", "crii"])
+def test_ema_teacher_follows_the_student(name):
+    """The methods with an EMA teacher (`base.ema_update`): frozen, checkpointed, d = 0.99 late,
+    a copy at the first step."""
     torch.manual_seed(0)
-    m = build("mean_teacher", {}, 1, 1, 0)
+    m = build(name, {}, 1, 1, 0)
     assert all(not p.requires_grad for p in m.teacher.parameters())
     assert any(k.startswith("teacher.") for k in m.state_dict())
     assert not any(p is q for p in m.trainable_parameters() for q in m.teacher.parameters())
