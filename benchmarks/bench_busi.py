@@ -113,9 +113,16 @@ def base_project(data: Path, out: Path) -> Path:
     return base
 
 
-def scenario_project(base: Path, out: Path, run: str, seed: int = 0) -> Path:
+def reveal_image_label(project: Project, rec) -> None:
+    """Give a case its reference image label (BUSI: normal/benign/malignant)."""
+    project.set_image_label(rec.id, rec.reference_label, author="simulated")
+
+
+def scenario_project(base: Path, out: Path, run: str, seed: int = 0,
+                     reveal_label=reveal_image_label) -> Path:
     """A copy of the base project with the annotations this scenario is allowed to see
-    (`parse_run`; the baseline sees every mask)."""
+    (`parse_run`; the baseline sees every mask); ``reveal_label(project, record)`` gives a
+    case its image-level label (bench_idrid: the presence flags)."""
     dest = out / f"{run}"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(base, dest)
@@ -134,7 +141,10 @@ def scenario_project(base: Path, out: Path, run: str, seed: int = 0) -> Path:
                 project.save_annotation(rec.id, project.read_reference(rec.id), "full",
                                         author="simulated", source="reference")
             if (all_labels or masked) and run != "baseline":
-                project.set_image_label(rec.id, rec.reference_label, author="simulated")
+                reveal_label(project, rec)
+            elif rec.image_label is not None or rec.presence:
+                # the base import leaves the labels visible: hide what this run may not see
+                project.set_image_label(rec.id, None, presence=None, author="simulated")
     return dest
 
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_busi import _value, parse_run, train_ours  # noqa: E402
+from bench_busi import _value, parse_run, scenario_project, train_ours  # noqa: E402
 from training_backend.store import Project  # noqa: E402
 
 CLASSES = ("MA", "HE", "EX", "SE")
@@ -71,26 +71,10 @@ def base_project(data: Path, out: Path) -> Path:
     return base
 
 
-def scenario_project(base: Path, out: Path, run: str, seed: int = 0) -> Path:
-    """A copy of the base project with what this run may see (`bench_busi.parse_run`)."""
-    dest = out / run
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(base, dest)
-    project = Project.open(dest)
-    train = [r for r in project.cases() if r.split == "train"]
-    order = [r.id for r in train]
-    np.random.default_rng(seed).shuffle(order)
-    _, fraction, all_labels = parse_run(run)
-    masked = set(order[:0 if fraction == 0 else max(1, int(round(fraction * len(order))))])
-    with project.batch(flush_every_s=3600):
-        for rec in train:
-            if rec.id in masked:
-                project.save_annotation(rec.id, project.read_reference(rec.id), "full",
-                                        author="simulated", source="reference")
-            if all_labels or rec.id in masked:
-                project.set_image_label(rec.id, None, presence=dict(rec.reference_presence or {}),
-                                        author="simulated")
-    return dest
+def reveal_presence(project: Project, rec) -> None:
+    """Give a case its reference presence flags (one per lesion class)."""
+    project.set_image_label(rec.id, None, presence=dict(rec.reference_presence or {}),
+                            author="simulated")
 
 
 def score(project_path: Path, model_id: str) -> dict:
@@ -155,7 +139,7 @@ def main() -> int:
             raise SystemExit(f"bench_idrid: unknown run {run!r}")
         for seed in (int(v) for v in args.seeds.split(",")):
             print(f"== {run} seed {seed} {args.tag} ({args.budget_s:.0f} s)", flush=True)
-            path = scenario_project(base, out, run)
+            path = scenario_project(base, out, run, reveal_label=reveal_presence)
             t = time.perf_counter()
             steps = train_ours(path, parsed[0], args.budget_s, method_options=options, seed=seed,
                                **settings)
