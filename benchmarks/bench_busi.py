@@ -3,7 +3,8 @@
 Runs, each for the same wall-clock budget (default 300 s) on the same train/holdout split:
 
   baseline   plain MONAI BasicUNet (16-16-32-64-128, DiceCE, Adam 1e-3, batch 16, 128 px,
-             flips), all masks, in a bare torch loop written here (the bar to beat)
+             flips), all masks, in a bare torch loop (the bar to beat; `training_backend.peer`,
+             the same peer as `lesionseg simulate`'s)
   <m><p>     method <m> with full masks on <p> % of the training cases (the 5 % are a subset of
              the 10 %), image labels on those cases only, every other case unlabelled;
   <m><p>b    the same masks plus an image label (normal/benign/malignant) on every training case;
@@ -151,62 +152,14 @@ def scenario_project(base: Path, out: Path, run: str, seed: int = 0,
 # ------------------------------------------------------------------------------ baseline (bare)
 def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, seed: int = 0,
                    batch_size: int = 16):
-    """The bar: a plain MONAI BasicUNet in a bare loop; returns a predictor of one image."""
-    import torch
-    import torch.nn.functional as F
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import BasicUNet
+    """The bar: the peer (`training_backend.peer`: a plain MONAI BasicUNet in a bare loop) on
+    grey images; returns a predictor of one image and its steps."""
+    from training_backend.peer import train_peer
 
-    torch.manual_seed(seed)
-    project = Project.open(project_path)
-    xs, ys = [], []
-    for rec in project.cases():
-        if rec.split != "train" or rec.latest is None:
-            continue
-        xs.append(_prep(project.read_image(rec.id), image_size))
-        m = project.read_annotation(rec.id)[0]
-        ys.append(F.interpolate(torch.from_numpy(m)[None, None].float(), size=(image_size,) * 2,
-                                mode="nearest")[0])
-    x, y = torch.stack(xs), torch.stack(ys).long()  # (N,1,S,S), (N,1,S,S)
-    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(16, 16, 32, 64, 128, 16))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    t0, step = time.perf_counter(), 0
-    while time.perf_counter() - t0 < budget_s:
-        idx = torch.randint(0, len(x), (batch_size,))
-        xb, yb = x[idx], y[idx]
-        if torch.rand(()) < 0.5:
-            xb, yb = xb.flip(-1), yb.flip(-1)
-        if torch.rand(()) < 0.5:
-            xb, yb = xb.flip(-2), yb.flip(-2)
-        opt.zero_grad()
-        loss = loss_fn(net(xb), yb)
-        loss.backward()
-        opt.step()
-        step += 1
-    print(f"baseline: {step} steps in {budget_s:.0f} s", flush=True)
-    net.eval()
-
-    def predict(image: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            prob = torch.softmax(net(_prep(image, image_size)[None]), 1)
-            prob = F.interpolate(prob, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-            return prob.argmax(0).numpy().astype(np.uint8)
-
-    return predict, step
-
-
-def _prep(image: np.ndarray, size: int):
-    import torch
-    import torch.nn.functional as F
-
-    img = image.astype(np.float32)
-    if img.ndim == 3:
-        img = img.mean(-1)
-    lo, hi = np.percentile(img, (1, 99))
-    img = ((img - lo) / max(hi - lo, 1e-6)).astype(np.float32)
-    t = torch.from_numpy(img)[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0]
+    peer = train_peer(project_path, budget_s=budget_s, image_size=image_size, seed=seed,
+                      batch_size=batch_size, channels=1)
+    print(f"baseline: {peer.steps} steps in {budget_s:.0f} s", flush=True)
+    return peer.predict, peer.steps
 
 
 # ------------------------------------------------------------------------------ ours

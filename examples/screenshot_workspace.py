@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps (0: no training)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for training")
     parser.add_argument("--size", default="1800x1000", help="window size WIDTHxHEIGHT")
+    parser.add_argument("--section", help="workspace section to scroll into view (e.g. Training)")
     args = parser.parse_args(argv)
 
     import napari
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ann.show_model_layers(cam=True)
     viewer.reset_view()
+    if args.section:
+        workspace._scroll.ensureWidgetVisible(workspace.sections[args.section], 0, 0)  # noqa: SLF001
     wait_until(lambda: False, 1.0)
     shot = viewer.screenshot(canvas_only=False, flash=False)
     out = Path(args.out)

@@ -1,23 +1,18 @@
-"""Small modal dialogs of the project panel: new project, CSV column mapping."""
+"""Small modal dialogs of the project panel: new project, CSV column mapping.
+
+Their forms are magicgui widgets: the new-project form is built from the signature of
+`new_project_settings`, the CSV form from ``import_csv``'s column parameters (names and help
+from its docstring); each sits in a `QDialog` with OK / Cancel.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_type_hints
 
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDialog,
-    QDialogButtonBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+import docstring_parser
+from magicgui import magicgui
+from magicgui.widgets import CheckBox, ComboBox, Container, Label
+from qtpy.QtWidgets import QDialog, QDialogButtonBox, QSizePolicy, QVBoxLayout, QWidget
 
 if TYPE_CHECKING:  # pragma: no cover
     from training_backend.importer import CsvTable
@@ -31,15 +26,34 @@ def split_names(text: str) -> list[str]:
     return [part.strip() for part in text.replace(";", ",").split(",") if part.strip()]
 
 
-def _finish_form(dialog: QDialog, form: QFormLayout) -> None:
-    """Lay out ``form`` above OK / Cancel buttons that accept / reject ``dialog``."""
+def _finish_form(dialog: QDialog, *widgets: QWidget) -> None:
+    """Lay out ``widgets`` above OK / Cancel buttons that accept / reject ``dialog``."""
     buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok
                                | QDialogButtonBox.StandardButton.Cancel)
     buttons.accepted.connect(dialog.accept)
     buttons.rejected.connect(dialog.reject)
     lay = QVBoxLayout(dialog)
-    lay.addLayout(form)
+    for widget in widgets:
+        lay.addWidget(widget)
     lay.addWidget(buttons)
+
+
+# ----------------------------------------------------------------------------- new project
+def new_project_settings(folder: Path = Path(), classes: str = "lesion",
+                         image_classes: str = "") -> tuple[str, list[str], list[str]]:
+    """A new project's folder and classes; the New-project form is built from this signature.
+
+    Args:
+        folder: an empty or new folder for the project.
+        classes: lesion classes, comma-separated; class k is pixel value k.
+        image_classes: image-level classes, comma-separated (optional).
+    """
+    text = str(folder).strip()
+    return ("" if text in ("", ".") else text, split_names(classes), split_names(image_classes))
+
+
+# magicgui reads annotations as types; ``from __future__ import annotations`` left strings
+new_project_settings.__annotations__ = get_type_hints(new_project_settings)
 
 
 class NewProjectDialog(QDialog):
@@ -48,32 +62,29 @@ class NewProjectDialog(QDialog):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.setWindowTitle("New lesionseg project")
-        form = QFormLayout()
-        row = QHBoxLayout()
-        self.folder = QLineEdit()
-        self.folder.setPlaceholderText("an empty or new folder")
-        browse = QPushButton("…")
-        browse.setFixedWidth(28)
-        browse.clicked.connect(lambda: self._browse())
-        row.addWidget(self.folder, 1)
-        row.addWidget(browse)
-        form.addRow("Folder", row)
-        self.classes = QLineEdit("lesion")
-        self.classes.setToolTip("Lesion classes, comma-separated; class k is pixel value k")
-        form.addRow("Lesion classes", self.classes)
-        self.image_classes = QLineEdit()
-        self.image_classes.setPlaceholderText("e.g. normal, benign, malignant (optional)")
-        form.addRow("Image classes", self.image_classes)
-        _finish_form(self, form)
-
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Project folder")
-        if path:
-            self.folder.setText(path)
+        self.form = magicgui(new_project_settings, call_button=False,
+                             folder={"mode": "d", "label": "Folder"},
+                             classes={"label": "Lesion classes"},
+                             image_classes={"label": "Image classes"})
+        self.folder, self.classes = self.form.folder, self.form.classes
+        self.image_classes = self.form.image_classes
+        self.folder.line_edit.native.setPlaceholderText("an empty or new folder")
+        self.image_classes.native.setPlaceholderText("e.g. normal, benign, malignant (optional)")
+        _finish_form(self, self.form.native)
 
     def values(self) -> tuple[str, list[str], list[str]]:
-        return (self.folder.text().strip(), split_names(self.classes.text()),
-                split_names(self.image_classes.text()))
+        """``(folder, lesion classes, image classes)`` as typed (folder "" when empty)."""
+        return self.form()
+
+
+# ----------------------------------------------------------------------------- CSV import
+def import_help() -> dict[str, str]:
+    """Help of ``import_csv``'s parameters, from its docstring."""
+    from training_backend.importer import import_csv
+
+    doc = docstring_parser.parse(import_csv.__doc__ or "")
+    return {p.arg_name: " ".join((p.description or "").split()).replace("``", "")
+            for p in doc.params}
 
 
 class CsvImportDialog(QDialog):
@@ -96,83 +107,99 @@ class CsvImportDialog(QDialog):
         self.setWindowTitle(f"Import {Path(table.path).name}")
         self._project, self._table = project, table
         self._header = list(table.header)
-        form = QFormLayout()
-        form.addRow(QLabel(f"{len(table.rows)} rows; paths relative to the CSV's folder"))
-        self.image = self._combo(optional=False, guess=("image", "images", "path", "file"))
-        self._add(form, "Image column", self.image)
-        self.masks: dict[str, QComboBox] = {}
-        for cls in project.classes:
-            self.masks[cls] = self._combo(guess=(f"{cls}_mask", f"{cls} mask", cls, "mask", "masks"))
-            self._add(form, f"Mask of {cls}", self.masks[cls])
+        self._help = import_help()
+        self._building = True
+        #: each column choice's preview line (its first values), by the choice's name
+        self.previews: dict[str, Label] = {}
+        rows: list = []
+        self.image = self._combo("image_col", optional=False,
+                                 guess=("image", "images", "path", "file"))
+        rows.append(self._with_preview(self.image, "Image column"))
+        self.masks: dict[str, ComboBox] = {}
+        for i, cls in enumerate(project.classes):
+            self.masks[cls] = self._combo(f"mask_{i}", help_of="mask_cols", guess=(
+                f"{cls}_mask", f"{cls} mask", cls, "mask", "masks"))
+            rows.append(self._with_preview(self.masks[cls], f"Mask of {cls}"))
         by_content = guess_label_column(table, project.image_classes)
-        self.label = self._combo(guess=((by_content,) if by_content else ("label", "class", "diagnosis")))
-        self.label.setEnabled(bool(project.image_classes))
-        self._add(form, "Image label", self.label)
-        self.split = self._combo(guess=("split", "set"))
-        self._add(form, "Split (train/holdout)", self.split)
-        self.reference = QCheckBox("masks are a hidden reference (evaluation only)")
-        form.addRow(self.reference)
-        self.check_line = QLabel()
-        self.check_line.setWordWrap(True)
-        form.addRow(self.check_line)
-        _finish_form(self, form)
+        self.label = self._combo("label_col", guess=((by_content,) if by_content
+                                                     else ("label", "class", "diagnosis")))
+        self.label.enabled = bool(project.image_classes)
+        rows.append(self._with_preview(self.label, "Image label"))
+        self.split = self._combo("split_col", guess=("split", "set"))
+        rows.append(self._with_preview(self.split, "Split (train/holdout)"))
+        self.reference = CheckBox(name="reference", value=False, tooltip=self._help.get("reference"),
+                                  text="masks are a hidden reference (evaluation only)")
+        self.check_line = Label(name="check_line", value="")
+        self.check_line.native.setWordWrap(True)
+        self.check_line.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                             QSizePolicy.Policy.Preferred)
+        self.form = Container(labels=True)
+        self.form.extend(rows)  # added one by one: the labels get one width
+        self.form.margins = (0, 0, 0, 0)
+        intro = Label(value=f"{len(table.rows)} rows; paths relative to the CSV's folder")
+        _finish_form(self, intro.native, self.form.native, self.reference.native,
+                     self.check_line.native)
+        self._building = False
         self._recheck()
 
-    def _add(self, form: QFormLayout, title: str, combo: QComboBox) -> None:
-        """A combo with the chosen column's values below it; both refresh on change."""
-        preview = QLabel()
-        preview.setStyleSheet("color: gray;")
-        preview.setWordWrap(True)
-        box = QVBoxLayout()
-        box.setSpacing(0)
-        box.addWidget(combo)
-        box.addWidget(preview)
-        form.addRow(title, box)
-        combo.preview = preview  # type: ignore[attr-defined]
-        combo.currentTextChanged.connect(lambda _t, c=combo: self._show_values(c))
-        combo.currentTextChanged.connect(lambda _t: self._recheck())
-        self._show_values(combo)
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        from napari_lesionseg._train_form import align_labels, form_labels
 
-    def _show_values(self, combo: QComboBox) -> None:
+        super().showEvent(event)
+        align_labels(form_labels(self.form))
+
+    def _combo(self, name: str, optional: bool = True, guess: tuple[str, ...] = (),
+               help_of: str | None = None) -> ComboBox:
+        """A column choice (``(none)`` first when optional), set to the first guessed column."""
+        choices = ([NONE] if optional else []) + self._header
+        lower = {h.lower(): h for h in self._header}
+        value = next((lower[g.lower()] for g in guess if g.lower() in lower), choices[0] if
+                     choices else None)
+        return ComboBox(name=name, choices=choices, value=value,
+                        tooltip=self._help.get(help_of or name))
+
+    def _with_preview(self, combo: ComboBox, title: str) -> Container:
+        """``combo`` with its column's values below it; both refresh when it changes."""
+        preview = Label(value="")
+        preview.native.setStyleSheet("color: gray; font-size: 11px;")
+        self.previews[combo.name] = preview
+        box = Container(widgets=[combo, preview], labels=False, label=title)
+        box.margins = (0, 0, 0, 0)
+        box.native.layout().setSpacing(0)
+        combo.changed.connect(lambda _v, c=combo: self._show_values(c))
+        combo.changed.connect(lambda _v: self._recheck())
+        self._show_values(combo)
+        return box
+
+    def _show_values(self, combo: ComboBox) -> None:
         from training_backend.importer import column_summary
 
-        col = self._value(combo) if combo is not self.image else combo.currentText()
-        combo.preview.setText("" if col is None else column_summary(self._table, col))
+        col = self._value(combo) if combo is not self.image else combo.value
+        self.previews[combo.name].value = ("" if col is None
+                                           else column_summary(self._table, col))
 
     def _recheck(self) -> None:
         """Count the rows that would be skipped with the current choices, and why."""
         from training_backend.importer import check_csv
 
-        if not hasattr(self, "check_line"):
-            return  # still building
+        if self._building:
+            return
         kw = self.kwargs()
         check = check_csv(self._project, self._table, kw["image_col"], kw["mask_cols"],
                           kw["label_col"], kw["split_col"])
-        self.check_line.setText(check.summary())
-        self.check_line.setStyleSheet("color: #d08000;" if check.n_skipped else "")
+        self.check_line.value = check.summary()
+        self.check_line.native.setStyleSheet("color: #d08000;" if check.n_skipped else "")
         self.check = check
 
-    def _combo(self, optional: bool = True, guess: tuple[str, ...] = ()) -> QComboBox:
-        combo = QComboBox()
-        if optional:
-            combo.addItem(NONE)
-        combo.addItems(self._header)
-        lower = {h.lower(): h for h in self._header}
-        for g in guess:
-            if g.lower() in lower:
-                combo.setCurrentText(lower[g.lower()])
-                break
-        return combo
-
     @staticmethod
-    def _value(combo: QComboBox) -> str | None:
-        text = combo.currentText()
-        return None if text == NONE or not combo.isEnabled() else text
+    def _value(combo: ComboBox) -> str | None:
+        value = combo.value
+        return None if value in (NONE, None) or not combo.enabled else value
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``training_backend.importer.import_csv``."""
         mask_cols = [(col, cls) for cls, combo in self.masks.items()
                      if (col := self._value(combo)) is not None]
-        return {"image_col": self.image.currentText(), "mask_cols": mask_cols,
+        return {"image_col": self.image.value, "mask_cols": mask_cols,
                 "label_col": self._value(self.label), "split_col": self._value(self.split),
-                "reference": self.reference.isChecked()}
+                "reference": self.reference.value}

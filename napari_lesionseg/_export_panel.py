@@ -1,22 +1,18 @@
-"""Export panel: write one mask file per case (plus provenance sidecars) in a worker."""
+"""Export panel: write one mask file per case (plus provenance sidecars) in a worker.
+
+The settings form is built by magicgui from the signature of `export_settings` (its parameter
+names are ``export_masks``'s keywords); the format choices come from the format registry
+(`training_backend.formats.export_formats`), so a new export format shows up here by itself.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, get_type_hints
 
+from magicgui import magicgui
 from napari.utils import progress
 from napari.utils.notifications import show_info
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFileDialog,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_lesionseg._tasks import progress_relay, run_task
 
@@ -25,10 +21,33 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from napari_lesionseg._state import WorkspaceState
 
-FORMATS = ("png", "tiff", "nifti", "zarr")
 SOURCES = ("annotation", "prediction", "reference")
 #: (label, ``export_masks`` values) of the pixel-value choices
 VALUES = (("class indices", "index"), ("viewable 0/255", "binary"), ("class colours (RGB)", "color"))
+
+
+def export_formats() -> dict:
+    """name -> `FileFormat` the export offers (the registry; torch-free, imports no store)."""
+    from training_backend.formats import export_formats as offered
+
+    return offered()
+
+
+def export_settings(out_dir: Path = Path(), fmt: str = "png", source: str = "annotation",
+                    values: str = "index") -> dict:
+    """The export's settings; the panel's form is built from this signature.
+
+    Args:
+        out_dir: output folder.
+        fmt: file format (a registered export format).
+        source: which masks: the latest annotation, the latest prediction or the hidden reference.
+        values: what pixels hold: class indices, 0/255, or class colours (RGB; png/tiff only).
+    """
+    return {"out_dir": out_dir, "fmt": fmt, "source": source, "values": values}
+
+
+# magicgui reads annotations as types; ``from __future__ import annotations`` left strings
+export_settings.__annotations__ = get_type_hints(export_settings)
 
 
 def _export_in_worker(project_path: str, out_dir: str, fmt: str, source: str,
@@ -39,6 +58,25 @@ def _export_in_worker(project_path: str, out_dir: str, fmt: str, source: str,
     project = Project.open(project_path, mode="r")
     return export_masks(project, out_dir, fmt=fmt, source=source, on_progress=on_progress,
                         values=values)
+
+
+def _settings_form():
+    """The magicgui form of `export_settings` (no call button: the panel's button exports)."""
+    names = list(export_formats())
+    rgb = [n for n, f in export_formats().items() if f.writes_rgb]
+    return magicgui(
+        export_settings, call_button=False, labels=False,
+        out_dir={"mode": "d", "label": "folder",
+                 "tooltip": "output folder (created if missing)"},
+        fmt={"choices": names,
+             "tooltip": " / ".join(f"{n} ({f.suffix})" for n, f in export_formats().items())},
+        source={"choices": list(SOURCES),
+                "tooltip": "annotation: latest saved version · prediction: latest model "
+                           "output · reference: hidden reference masks"},
+        values={"choices": list(VALUES),
+                "tooltip": "class indices: for pipelines (look black in an image viewer) · "
+                           f"0/255: any lesion white · class colours: RGB, {'/'.join(rgb)} only"},
+    )
 
 
 class ExportPanel(QWidget):
@@ -55,35 +93,14 @@ class ExportPanel(QWidget):
         self._activity: progress | None = None
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        row = QHBoxLayout()
-        self._folder = QLineEdit()
-        self._folder.setPlaceholderText("output folder")
-        browse = QPushButton("…")
-        browse.setFixedWidth(28)
-        browse.clicked.connect(lambda: self._browse())
-        row.addWidget(self._folder, 1)
-        row.addWidget(browse)
-        lay.addLayout(row)
-        row2 = QHBoxLayout()
-        self._format = QComboBox()
-        self._format.addItems(FORMATS)
-        self._format.setToolTip("png / tiff / nifti (.nii.gz) / zarr")
-        self._source = QComboBox()
-        self._source.addItems(SOURCES)
-        self._source.setToolTip("annotation: latest saved version · prediction: latest model "
-                                "output · reference: hidden reference masks")
-        self._values = QComboBox()
-        for label, value in VALUES:
-            self._values.addItem(label, value)
-        self._values.setToolTip("class indices: for pipelines (look black in an image viewer) · "
-                                "0/255: any lesion white · class colours: RGB, png/tiff only")
-        self._values.currentIndexChanged.connect(self._on_values)
+        self.form = _settings_form()
+        self._folder, self._format = self.form.out_dir, self.form.fmt
+        self._source, self._values = self.form.source, self.form.values
+        self.form.native.layout().setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.form.native)
+        self._values.changed.connect(self._on_values)
         self._export_btn = QPushButton("Export masks")
         self._export_btn.clicked.connect(lambda: self.export())
-        row2.addWidget(self._format)
-        row2.addWidget(self._source)
-        row2.addWidget(self._values)
-        lay.addLayout(row2)
         lay.addWidget(self._export_btn)
         self._bar = QProgressBar()
         self._bar.setVisible(False)
@@ -96,35 +113,32 @@ class ExportPanel(QWidget):
         self._on_project(state.project)
 
     def _on_values(self, *_args) -> None:
-        """Colour masks are RGB images: only png and tiff hold them."""
-        colour = self._values.currentData() == "color"
-        for i, fmt in enumerate(FORMATS):
-            self._format.model().item(i).setEnabled(not colour or fmt in ("png", "tiff"))
-        if colour and self._format.currentText() not in ("png", "tiff"):
-            self._format.setCurrentText("png")
+        """Colour masks are RGB images: only formats that write RGB hold them."""
+        colour = self._values.value == "color"
+        offered = export_formats()
+        model = self._format.native.model()
+        for i, name in enumerate(self._format.choices):
+            model.item(i).setEnabled(not colour or offered[name].writes_rgb)
+        if colour and not offered[self._format.value].writes_rgb:
+            self._format.value = next(n for n, f in offered.items() if f.writes_rgb)
 
     def _on_project(self, project) -> None:
         self._export_btn.setEnabled(project is not None)
-        if project is not None and not self._folder.text():
-            self._folder.setText(str(Path(project.path) / "export"))
-
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Export masks to")
-        if path:
-            self._folder.setText(path)
+        if project is not None and str(self._folder.value) in ("", "."):
+            self._folder.value = Path(project.path) / "export"
 
     def export(self, out_dir: str | None = None, fmt: str | None = None,
                source: str | None = None, values: str | None = None) -> None:
-        """Export in a worker; arguments default to the widgets' values."""
+        """Export in a worker; arguments default to the form's values."""
         project = self.state.project
         if project is None:
             return
-        out_dir = out_dir or self._folder.text().strip()
-        if not out_dir:
+        out_dir = out_dir or str(self._folder.value).strip()
+        if not out_dir or out_dir == ".":
             self._summary.setText("choose an output folder first")
             return
-        fmt, source = fmt or self._format.currentText(), source or self._source.currentText()
-        values = values or self._values.currentData()
+        fmt, source = fmt or self._format.value, source or self._source.value
+        values = values or self._values.value
         self.state.save_requested.emit()
         self._export_btn.setEnabled(False)
         self._bar.setVisible(True)

@@ -3,13 +3,17 @@
 * `RunCurve`: the current run — training loss (scaled to its largest value) and validation Dice
   against steps, with a mark where the validation cases join the training.
 * `LearningCurve`: label efficiency across runs — each model's validation Dice against the
-  number of annotated cases it learned from.
+  number of annotated cases it learned from; models at the same number are drawn as their mean
+  with a band from the lowest to the highest (`training_backend.curves.aggregate`, the curve
+  ``lesionseg simulate`` draws too).
 """
 from __future__ import annotations
 
 from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QFont, QPainter, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
+
+from training_backend.curves import CurveStat, aggregate
 
 DICE_COLOR = "#4fc3f7"
 LOSS_COLOR = "#ffb74d"
@@ -124,12 +128,24 @@ class LearningCurve(_Plot):
         if dice is not None:
             self.set_points(self._points + [(n, dice)])
 
+    @property
+    def curve(self) -> list[CurveStat]:
+        """The drawn curve: mean Dice per number of annotated cases, with its lowest and highest."""
+        return aggregate(self._points)
+
     def x_range(self):
         xs = [n for n, _ in self._points]
         return (min(xs), max(xs)) if xs else None
 
     def draw_series(self, p, to_px) -> None:
-        _line(p, [to_px(n, d) for n, d in self._points], DICE_COLOR, dots=True)
+        curve = self.curve
+        band = QColor(DICE_COLOR)
+        band.setAlpha(60)
+        p.setPen(QPen(band, 3))
+        for s in curve:  # the spread of runs with the same number of annotations
+            if s.high > s.low:
+                p.drawLine(to_px(s.x, s.low), to_px(s.x, s.high))
+        _line(p, [to_px(s.x, s.mean) for s in curve], DICE_COLOR, dots=True)
 
     def caption(self) -> str:
         return f"best {max(v for _, v in self._points):.2f}"
@@ -154,17 +170,17 @@ class RunCurve(_Plot):
         self.loss, self.dice, self.folded_at = [], [], None
         self.update()
 
-    def add_loss(self, step: int, value: float) -> None:
-        self.loss.append((int(step), float(value)))
-        self.update()
+    def set_run(self, loss, dice, folded_at: int | None) -> None:
+        """Show a run's points (`TrainingStatus.loss_curve`, ``dice_curve``, ``folded_at``).
 
-    def add_dice(self, step: int, dice: float | None) -> None:
-        if dice is not None:
-            self.dice.append((int(step), float(dice)))
-            self.update()
-
-    def mark_fold(self, step: int) -> None:
-        self.folded_at = int(step)
+        Args:
+            loss: ``(step, loss)`` pairs.
+            dice: ``(step, validation Dice)`` pairs.
+            folded_at: the step the validation cases joined the training (None: not yet).
+        """
+        self.loss = [(int(s), float(v)) for s, v in loss]
+        self.dice = [(int(s), float(d)) for s, d in dice]
+        self.folded_at = None if folded_at is None else int(folded_at)
         self.update()
 
     def x_range(self):

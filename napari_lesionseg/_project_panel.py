@@ -128,10 +128,16 @@ class ProjectPanel(QWidget):
     # ------------------------------------------------------------------ open / create
     def open_project(self, path: str | Path) -> Project | None:
         """Open the project folder ``path`` (errors are shown, not raised)."""
+        from training_backend.errors import ReadOnlyError
         from training_backend.store import Project
 
         try:
-            project = Project.open(path)
+            try:
+                project = Project.open(path)
+            except ReadOnlyError:  # look without saving
+                project = Project.open(path, mode="r")
+                show_warning(f"{Path(path)}: the folder is read-only; the project is open for "
+                             f"looking only: nothing you change will be saved")
         except Exception as exc:  # noqa: BLE001 - shown to the user
             show_error(error_message(exc))
             return None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from psygnal import Signal
 
+from napari_lesionseg._status import TrainingStatus
 from training_backend.acquisition import DEFAULT_STRATEGY
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,6 +37,11 @@ class WorkspaceState:
         training_changed(running): the trainer started or stopped.
         strategy_changed(name): the active-learning strategy changed.
         save_requested(): save pending edits now (e.g. before training starts).
+
+    Attributes:
+        run: the evented status of the training run on show (`TrainingStatus`): the trainer
+            panel feeds it the trainer's events, widgets subscribe to its fields; its
+            ``predictions_ready`` re-reads the project and becomes ``outputs_changed``.
     """
 
     project_changed = Signal(object)
@@ -57,6 +63,8 @@ class WorkspaceState:
         self.new_labels: set[str] = set()
         #: The current active-learning ranking, best first (set by the cases panel).
         self.suggested: list[str] = []
+        self.run = TrainingStatus()
+        self.run.predictions_ready.connect(self._on_predictions_ready)
 
     # ---- project
     @property
@@ -109,6 +117,12 @@ class WorkspaceState:
         """A panel saved an annotation or image label of ``cid``."""
         self.new_labels.add(cid)
         self.case_updated.emit(cid)
+
+    def _on_predictions_ready(self, _model_id: str, case_ids: tuple) -> None:
+        """A run wrote outputs of ``case_ids``: re-read the project, tell the panels."""
+        if self._project is not None:
+            self._project.refresh()
+        self.outputs_changed.emit(tuple(case_ids))
 
     def reload_index(self) -> None:
         """Re-read the project's indexes (another process wrote them) and tell the panels."""

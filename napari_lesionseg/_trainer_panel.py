@@ -1,10 +1,18 @@
 """Trainer panel: choose a method, start/stop the background trainer process, watch it learn.
 
-The trainer runs in its own process (``training_backend.process.TrainerProcess``); a QTimer on
-the GUI thread polls its events every ``POLL_MS`` and maps them onto widgets, napari's activity
-dock (``napari.utils.progress``) and the workspace state. This module never imports torch: the
-panel builds a real ``TrainConfig`` and reads the methods from ``config.METHOD_CATALOG``, both
-torch-free (the child process builds the networks).
+The trainer runs in its own process (``training_backend.process.TrainerProcess``), or elsewhere:
+started by a launcher (``training_backend.launchers.LaunchedRun``: SSH, SLURM, a command
+template saved in the user's settings) or by anyone (the panel attaches to a run of the
+project, ``training_backend.runs.RunFollower``). All three have the same interface; a QTimer on
+the GUI thread polls their events every ``POLL_MS`` and maps them onto widgets, napari's activity
+dock (``napari.utils.progress``) and the workspace state. A run elsewhere is stopped through
+the project (a stop request); closing the window only stops following it.
+
+The events go into one evented `TrainingStatus` (``state.run``, `_status`); the progress bar,
+the status lines, the run plot, the learning curve and napari's activity dock subscribe to its
+fields. The settings form is built by magicgui from `TrainConfig`'s fields and the method's
+options from ``config.METHOD_CATALOG`` (`_train_form`). This module never imports torch: the
+panel builds a real ``TrainConfig`` (the child process builds the networks).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -27,11 +36,28 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
 from training_backend.config import METHOD_CATALOG, MethodSpec, TrainConfig, available_methods
+from training_backend.curves import model_points
+from training_backend.launchers import Launcher, LaunchedRun, load_launchers, save_launchers
+from training_backend.runs import RunFollower, list_runs, new_model_id
 
+from napari_lesionseg import _status as st
 from napari_lesionseg._plot import LearningCurve, RunCurve
 from napari_lesionseg._tasks import guarded, logger
+from napari_lesionseg._train_form import (
+    MAIN_FIELDS,
+    MORE_FIELDS,
+    align_labels,
+    changed_options,
+    config_default,
+    config_values,
+    fill_options,
+    form_labels,
+    set_options,
+    settings_form,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from training_backend.store import Project
@@ -39,7 +65,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_lesionseg._state import WorkspaceState
 
 POLL_MS = 200
-DEVICES = ("auto", "cpu", "cuda", "mps")
+#: Milliseconds between two looks for runs of the project started elsewhere (while idle).
+RUNS_REFRESH_MS = 5000
+#: The "where" entry that trains in a process of this computer.
+THIS_COMPUTER = "this computer"
 REAP_INTERVAL_MS = 200
 REAP_TIMEOUT_S = 30.0
 #: Default method when the labels allow it (masks or scribbles); otherwise the first available.
@@ -122,17 +151,25 @@ class TrainerPanel(QWidget):
         self._counts: dict[str, int] = {}
         self._names: list[str] = []
         self._cancel_sent = False
-        self._loss_text = ""
+        self._filling = False                   # the method list is being refilled
+        self._options_method: str | None = None  # the method the options form shows
         self._activity: progress | None = None
-        self._model_id: str | None = None
-        self._last_dice: float | None = None
-        self._folded_at: int | None = None  # step the validation cases joined the training
-        self._n_labelled: int | None = None
+        self._activity_what = ""                # the run's description in the activity dock
+        self._activity_shown = ""
+        #: The run on show (shared with the other panels as ``state.run``).
+        self.status: st.TrainingStatus = state.run
         self.events_seen: list[Any] = []        # every event of the current run (tests, debugging)
+        self._launchers: list[Launcher] = []
+        self._started_seen = False
         self._timer = QTimer(self)
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(guarded(self.poll))
+        self._runs_timer = QTimer(self)
+        self._runs_timer.setInterval(RUNS_REFRESH_MS)
+        self._runs_timer.timeout.connect(guarded(self.refresh_runs))
         self._build()
+        self._subscribe()
+        self.reload_launchers()
         state.project_changed.connect(self._on_project)
         state.cases_changed.connect(self._update_methods)
         state.case_updated.connect(self._on_labels_saved)
@@ -142,45 +179,61 @@ class TrainerPanel(QWidget):
     def _build(self) -> None:
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        form = QFormLayout()
-        form.setContentsMargins(0, 0, 0, 0)
-        self._method = QComboBox()
-        self._method.setToolTip("Only methods whose supervision your labels meet are listed")
-        self._method.activated.connect(lambda _i: self._on_method_picked())
-        self._method.currentTextChanged.connect(lambda _t: self._show_usage())
-        form.addRow("Method", self._method)
+        # the settings: magicgui widgets of TrainConfig's fields (defaults and help from it)
+        self.form = settings_form(MAIN_FIELDS)
+        self.form.native.layout().setContentsMargins(0, 0, 0, 0)
+        self._method, self._device = self.form.method, self.form.device
+        self._budget, self._steps = self.form.budget_s, self.form.steps
+        self._image_size = self.form.image_size
+        self._method.tooltip = "Only methods whose supervision your labels meet are listed"
+        self._method.changed.connect(self._on_method_changed)
         self._method_note = QLabel("")
         self._method_note.setWordWrap(True)
         self._method_note.setStyleSheet("color: #9aa4b1; font-size: 11px;")
-        form.addRow(self._method_note)
-        row = QHBoxLayout()
-        self._device = QComboBox()
-        self._device.addItems(DEVICES)
-        self._budget = QSpinBox()
-        self._budget.setRange(0, 7 * 24 * 3600)
-        self._budget.setValue(120)
-        self._budget.setSuffix(" s")
-        self._budget.setSpecialValueText("none")
-        self._budget.setToolTip("Wall-clock training budget (0 = use steps only)")
-        row.addWidget(self._device)
-        row.addWidget(QLabel("budget"))
-        row.addWidget(self._budget, 1)
-        form.addRow("Device", row)
-        row2 = QHBoxLayout()
-        self._steps = QSpinBox()
-        self._steps.setRange(0, 10_000_000)
-        self._steps.setSpecialValueText("—")
-        self._steps.setToolTip("Optimisation steps (— = budget only); with both, first one ends")
-        self._image_size = QSpinBox()
-        self._image_size.setRange(16, 2048)
-        self._image_size.setSingleStep(32)
-        self._image_size.setValue(128)
-        self._image_size.setSuffix(" px")
-        self._image_size.setToolTip("Training resolution (square)")
-        row2.addWidget(self._steps, 1)
-        row2.addWidget(QLabel("size"))
-        row2.addWidget(self._image_size, 1)
-        form.addRow("Steps", row2)
+        self.form.native.layout().insertWidget(1, self._method_note)
+        lay.addWidget(self.form.native)
+        self.more_form = settings_form(MORE_FIELDS)
+        self.options_form = settings_form(())
+        self._more = QCollapsible("More settings and method options")
+        self._more.setDuration(0)
+        self._more.addWidget(self.more_form.native)
+        self._options_title = QLabel("")
+        self._options_title.setStyleSheet("color: #9aa4b1; font-size: 11px;")
+        self._more.addWidget(self._options_title)
+        self._more.addWidget(self.options_form.native)
+        self._more.collapse(animate=False)
+        self._more.toggled.connect(lambda *_: self._align_labels())  # styled once shown
+        lay.addWidget(self._more)
+        form = QFormLayout()
+        form.setContentsMargins(0, 0, 0, 0)
+        where = QHBoxLayout()
+        self._where = QComboBox()
+        self._where.setToolTip("Where the model trains: a process of this computer, or a "
+                               "launcher (SSH, SLURM, any command) that trains elsewhere on "
+                               "this project (shared storage)")
+        self._edit_launcher = QPushButton("+")
+        self._edit_launcher.setFixedWidth(28)
+        self._edit_launcher.setToolTip("Add a launcher (or edit the chosen one)")
+        self._edit_launcher.clicked.connect(lambda: self.edit_launcher())
+        where.addWidget(self._where, 1)
+        where.addWidget(self._edit_launcher)
+        self._row_labels = [QLabel("Train on"), QLabel("Running")]
+        form.addRow(self._row_labels[0], where)
+        runs_row = QHBoxLayout()
+        self._runs = QComboBox()
+        self._runs.setToolTip("Runs of this project that are training now (started from the "
+                              "command line, a server, another window)")
+        self._refresh_runs = QPushButton("↻")
+        self._refresh_runs.setFixedWidth(28)
+        self._refresh_runs.setToolTip("Look for running runs again")
+        self._refresh_runs.clicked.connect(lambda: self.refresh_runs())
+        self._attach_btn = QPushButton("Follow")
+        self._attach_btn.setToolTip("Show this run's progress here; Stop then stops it")
+        self._attach_btn.clicked.connect(lambda: self.attach(self._runs.currentData()))
+        runs_row.addWidget(self._runs, 1)
+        runs_row.addWidget(self._refresh_runs)
+        runs_row.addWidget(self._attach_btn)
+        form.addRow(self._row_labels[1], runs_row)
         lay.addLayout(form)
         self._continue = QCheckBox("fine-tune the latest model")
         self._continue.setToolTip("Start from the newest checkpoint instead of from scratch")
@@ -214,7 +267,7 @@ class TrainerPanel(QWidget):
         self._bar = QProgressBar()
         self._bar.setRange(0, 1000)
         self._bar.setTextVisible(True)
-        self._bar.setFormat("idle")
+        self._bar.setFormat(st.progress_text(self.status))
         lay.addWidget(self._bar)
         self._metrics = QLabel("")
         self._metrics.setWordWrap(True)
@@ -229,56 +282,114 @@ class TrainerPanel(QWidget):
         self.curve = LearningCurve()
         lay.addWidget(self.curve)
 
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        self._align_labels()
+
+    def _align_labels(self) -> None:
+        """One label column for the settings and the "Train on" rows, one for the collapsed
+        settings and method options (measured in the styled font)."""
+        align_labels(form_labels(self.form) + self._row_labels)
+        align_labels(form_labels(self.more_form, self.options_form))
+
+    def _subscribe(self) -> None:
+        """The widgets that show the run follow the status' fields."""
+        events = self.status.events
+        events.connect(self._show_progress)                 # any field: bar and activity
+        events.message.connect(self._show_message)
+        for name in ("loss", "dice", "folded_at"):
+            getattr(events, name).connect(self._show_metrics)
+        for name in ("loss_curve", "dice_curve", "folded_at"):
+            getattr(events, name).connect(self._show_run_curve)
+        self.status.round_finished.connect(self._on_round_finished)
+
+    def _show_progress(self, *_args) -> None:
+        value = st.progress_value(self.status)
+        self._bar.setValue(value)
+        self._bar.setFormat(st.progress_text(self.status))
+        if self._activity is not None:
+            what = st.activity_text(self.status, self._activity_what)
+            if what != self._activity_shown:
+                self._activity.set_description(what)
+                self._activity_shown = what
+            self._activity.n = value
+            self._activity.refresh()
+
+    def _show_message(self, text: str) -> None:
+        self._status.setText(text)
+
+    def _show_metrics(self, *_args) -> None:
+        self._metrics.setText(st.metrics_text(self.status))
+
+    def _show_run_curve(self, *_args) -> None:
+        s = self.status
+        self.run_curve.set_run(s.loss_curve, s.dice_curve, s.folded_at)
+
+    def _on_round_finished(self, n_annotations: int, dice: float | None) -> None:
+        if dice is not None:
+            self.curve.add_point(n_annotations, dice)
+
     # ------------------------------------------------------------------ methods
-    def _update_methods(self, *_args) -> None:
+    def _update_methods(self, *_args, message: bool = True) -> None:
+        """Offer the methods the project's labels can train; pick the recommended one unless
+        the user picked another that still can.
+
+        Args:
+            message: also say in the status line what the labels are (when no run is going on).
+        """
         project = self.state.project
-        current = self._method.currentText()
-        self._method.clear()
-        self._names = []
-        self._method_note.setText("")
-        if project is None:
-            return
-        counts = self._counts = supervision_counts(project)
-        names = self._names = available(self._methods, counts)
-        info = {m.name: m for m in self._methods}
-        self._method.blockSignals(True)
-        for i, name in enumerate(names):
-            self._method.addItem(name)
-            tip = info[name].description + "\n" + usage_note(info[name], counts, self._methods)
-            self._method.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+        current = self._method.value
+        counts = self._counts = supervision_counts(project) if project is not None else {}
+        names = self._names = available(self._methods, counts) if project is not None else []
         # the method follows the annotations unless the user picked one that still can train
-        if self._user_method in names:
-            self._method.setCurrentText(self._user_method)
-        elif (best := recommended(names, counts)) is not None:
-            self._method.setCurrentText(best)
-        self._method.blockSignals(False)
-        if self._method.currentText() != current:
-            logger.debug("method %s -> %s", current, self._method.currentText())
+        pick = self._user_method if self._user_method in names else recommended(names, counts)
+        self._filling = True
+        try:
+            self._method.choices = names
+            if pick is not None:
+                self._method.value = pick
+        finally:
+            self._filling = False
+        info = {m.name: m for m in self._methods}
+        for i, name in enumerate(names):  # each method's description and use as its tooltip
+            tip = info[name].description + "\n" + usage_note(info[name], counts, self._methods)
+            self._method.native.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+        if self._method.value != current:
+            logger.debug("method %s -> %s", current, self._method.value)
         self._show_usage()
-        self._method.setEnabled(bool(names) and not self.state.training)
+        self._method.enabled = bool(names) and not self.state.training
         self._start_btn.setEnabled(bool(names) and not self.state.training)
+        if project is None or not message:
+            return
         if not names:
-            self._status.setText("No method can train yet: give some cases an image label, "
-                                 "scribbles or a full mask.")
+            self.status.message = ("No method can train yet: give some cases an image label, "
+                                   "scribbles or a full mask.")
         elif not self.state.training:
             c = counts
-            self._status.setText(f"labels: {c.get('full', 0)} full · {c.get('sparse', 0)} sparse · "
-                                 f"{c.get('image_label', 0)} image labels · "
-                                 f"{c.get('unlabelled', 0)} unlabelled")
+            self.status.message = (f"labels: {c.get('full', 0)} full · {c.get('sparse', 0)} "
+                                   f"sparse · {c.get('image_label', 0)} image labels · "
+                                   f"{c.get('unlabelled', 0)} unlabelled")
 
-    def _on_method_picked(self) -> None:
-        """The user chose a method in the combo: keep it while it can train."""
-        name = self._method.currentText()
-        if name in self._names:
+    def _on_method_changed(self, name: str | None) -> None:
+        """Another method in the combo: the user's pick is kept while it can train (a refill
+        of the list is not a pick); its usage note and option form follow."""
+        if not self._filling and name in self._names:
             self._user_method = name if name != recommended(self._names, self._counts) else None
         self._show_usage()
 
     def _show_usage(self) -> None:
-        """Under the combo: which annotations the chosen method uses, and which it does not."""
+        """Under the combo: which annotations the chosen method uses, and which it does not;
+        the options form shows the chosen method's options."""
         info = {m.name: m for m in self._methods}
-        name = self._method.currentText()
+        name = self._method.value
         self._method_note.setText(usage_note(info[name], self._counts, self._methods)
                                   if name in info and name in self._names else "")
+        if name != self._options_method:
+            self._options_method = name
+            fill_options(self.options_form, name)
+            if self.isVisible():
+                self._align_labels()
+            self._options_title.setText(f"options of {name} (hover for help)" if name else "")
 
     def available_methods(self) -> list[str]:
         """Methods the current labels can train (empty without a project)."""
@@ -286,7 +397,9 @@ class TrainerPanel(QWidget):
 
     # ------------------------------------------------------------------ project
     def _on_project(self, project: Project | None) -> None:
-        if self.process is not None:
+        if self.process is not None and _remote(self.process):
+            self._finish_run(wait=False)  # a run elsewhere goes on; the window stops following
+        elif self.process is not None:
             # another project: stop the run gracefully (it checkpoints, registers its model and
             # exits); the old process is reaped in the background, the window never waits
             self.process.cancel()
@@ -294,60 +407,65 @@ class TrainerPanel(QWidget):
             show_info("Training stopped because another project was opened; the model so far "
                       "is saved with its project.")
         self._user_method = None  # another project: the method follows its annotations
+        self.status.reset()       # nothing of the previous one's run stays on screen
         self._update_methods()
-        # another project: nothing of the previous one's run stays on screen
-        self._last_dice, self._folded_at, self._loss_text = None, None, ""
-        self._metrics.setText("")
-        self.run_curve.clear()
         self.curve.set_points(self._history_points(project))
         for w in (self._start_btn, self._continue):
             w.setEnabled(project is not None)
+        self.refresh_runs()
+        if project is None:
+            self._runs_timer.stop()
+        else:
+            self._runs_timer.start()
 
     @staticmethod
     def _history_points(project: Project | None) -> list[tuple[int, float]]:
-        if project is None:
-            return []
-        points = []
-        for info in project.models().values():
-            dice = (info.get("metrics") or {}).get("val_dice")
-            n = info.get("n_annotations", info.get("n_train"))
-            if isinstance(dice, (int, float)) and isinstance(n, int):
-                points.append((n, float(dice)))
-        return points
+        # the same points and curve as `lesionseg simulate` (training_backend.curves)
+        return [] if project is None else model_points(project.models())
 
     # ------------------------------------------------------------------ run control
     def configure(self, method: str | None = None, device: str | None = None,
-                  budget_s: int | None = None, steps: int | None = None,
-                  image_size: int | None = None, fine_tune: bool | None = None) -> None:
+                  budget_s: float | None = None, steps: int | None = None,
+                  image_size: int | None = None, fine_tune: bool | None = None,
+                  batch_size: int | None = None, lr: float | None = None,
+                  options: dict[str, Any] | None = None) -> None:
         """Set the controls (what a user would type); None leaves one unchanged.
 
         Args:
-            method: a method listed in the combo box.
+            method: a method listed in the combo box (one the labels can train).
             device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
             budget_s: wall-clock budget in seconds (0: steps only).
             steps: optimisation steps (0: budget only).
             image_size: training resolution.
             fine_tune: start from the latest model.
+            batch_size, lr: batch size and learning rate.
+            options: method options by name (set after ``method``).
         """
         if method is not None:
-            self._method.setCurrentText(method)
-            self._on_method_picked()
-        if device is not None:
-            self._device.setCurrentText(device)
-        if budget_s is not None:
-            self._budget.setValue(int(budget_s))
-        if steps is not None:
-            self._steps.setValue(int(steps))
-        if image_size is not None:
-            self._image_size.setValue(int(image_size))
+            if method not in self._names:
+                raise ValueError(f"method {method!r} cannot train on these labels; "
+                                 f"available: {', '.join(self._names) or 'none'}")
+            self._method.value = method
+        widgets = {"device": self._device, "budget_s": self._budget, "steps": self._steps,
+                   "image_size": self._image_size, "batch_size": self.more_form.batch_size,
+                   "lr": self.more_form.lr}
+        given = {"device": device, "budget_s": budget_s, "steps": steps,
+                 "image_size": image_size, "batch_size": batch_size, "lr": lr}
+        for name, value in given.items():
+            if value is not None:
+                widgets[name].value = value
         if fine_tune is not None:
             self._continue.setChecked(bool(fine_tune))
+        if options:
+            set_options(self.options_form, options)
 
     def settings(self, auto: bool = False) -> TrainConfig:
         """The configuration the Start button (or, with ``auto``, an automatic retrain: the
         retrain budget, fine-tuning the latest model) would use."""
-        steps = None if auto else (self._steps.value() or None)
-        budget = self._auto_budget.value() if auto else (self._budget.value() or None)
+        values = config_values(self.form, self.more_form)
+        values["method"] = values["method"] or config_default("method")
+        if auto:
+            values.update(steps=None, budget_s=self._auto_budget.value())
         first = ([self.state.case_id] if self.state.case_id else []) + [
             c for c in self.state.suggested[:PREDICT_FIRST_RANKED] if c != self.state.case_id]
         init_from = None
@@ -356,8 +474,8 @@ class TrainerPanel(QWidget):
             latest = project.latest_model()
             if latest is not None and latest[1].get("checkpoint"):
                 init_from = latest[1]["checkpoint"]
-        return TrainConfig(method=self._method.currentText(), device=self._device.currentText(),
-                           image_size=self._image_size.value(), steps=steps, budget_s=budget,
+        return TrainConfig(**values, method_options=changed_options(self.options_form,
+                                                                   values["method"]),
                            predict=True, threads=trainer_threads(), predict_first=first,
                            init_from=init_from)
 
@@ -378,55 +496,181 @@ class TrainerPanel(QWidget):
         from training_backend.process import TrainerProcess
 
         cfg = self.settings(auto=auto)
-        proc = TrainerProcess(project.path, cfg)
+        launcher = self.launcher()
         try:
+            if launcher is None:
+                proc = TrainerProcess(project.path, cfg)
+            else:  # another machine: its own cores; a model id to follow the run by
+                cfg = TrainConfig.from_dict({**cfg.to_dict(), "threads": None,
+                                             "model_id": new_model_id(project.path, cfg.method)})
+                proc = LaunchedRun(launcher, project.path, cfg, by=self.state.user)
             proc.start()
-        except Exception as exc:  # noqa: BLE001 - e.g. cannot spawn
+        except Exception as exc:  # noqa: BLE001 - e.g. cannot spawn, a bad template
             show_error(f"could not start the trainer: {exc}")
             return False
-        self.process = proc
-        self.events_seen = []
-        self._last_dice = None
-        self._folded_at = None
-        self.run_curve.clear()
-        self._loss_text = ""
-        self._n_labelled = None
-        self._model_id = None
-        self.state.new_labels.clear()
-        self.state.training = True
-        self._activity = progress(total=1000, desc=f"Training {cfg.method}")
-        self._bar.setValue(0)
-        self._bar.setFormat("starting the trainer …")
-        self._metrics.setText("")
-        self._status.setText(f"{cfg.method} on {cfg.device} · started "
-                             f"{time.strftime('%H:%M:%S')}")
-        self._set_running(True)
-        self._timer.start()
+        where = "" if launcher is None else f" through {launcher.name}"
+        self._begin(proc, f"Training {cfg.method}",
+                    f"{cfg.method} on {cfg.device}{where} · started {time.strftime('%H:%M:%S')}",
+                    "starting the trainer …" if launcher is None else f"launching through "
+                    f"{launcher.name} …")
         return True
 
+    def attach(self, model_id: str | None) -> bool:
+        """Follow a run of the project that something else started (its files in
+        ``P/runs/<model id>``): progress, loss, Dice and predictions show as for a run of
+        this window, and Stop asks it to stop through the project.
+
+        Args:
+            model_id: the run (one listed in the "Running" box).
+        """
+        project = self.state.project
+        if project is None or self.process is not None or not model_id:
+            return False
+        proc = RunFollower(project.path, model_id, from_start="attempt", by=self.state.user)
+        self._begin(proc, f"Following {model_id}", f"following {model_id}", "following …",
+                    own=False)
+        self.status.model_id = model_id
+        self.poll()  # what the run has reported so far
+        return True
+
+    def _begin(self, proc, activity: str, status: str, bar: str, own: bool = True) -> None:
+        """Show ``proc``'s run: a fresh status (the widgets follow it), start polling.
+
+        Args:
+            proc: a TrainerProcess, LaunchedRun or RunFollower.
+            activity: the activity dock's description.
+            status, bar: the first status line and progress-bar text.
+            own: a run this window started (it trains on the labels saved so far).
+        """
+        self.process = proc
+        self._started_seen = False
+        self.events_seen = []
+        if own:
+            self.state.new_labels.clear()
+        self.state.training = True
+        self._activity = progress(total=1000, desc=activity)
+        self._activity_what = self._activity_shown = activity
+        self.status.begin(following=not own, waiting=bar, message=status)
+        self._set_running(True)
+        self._runs_timer.stop()
+        self._timer.start()
+
+    # ------------------------------------------------------------------ launchers and runs
+    def reload_launchers(self) -> None:
+        """Fill the "Train on" box: this computer, then the saved launchers."""
+        current = self._where.currentText()
+        try:
+            self._launchers = load_launchers()
+        except Exception as exc:  # noqa: BLE001 - a broken settings file must not break the panel
+            self._launchers = []
+            show_warning(f"launchers not loaded: {exc}")
+        self._where.clear()
+        self._where.addItem(THIS_COMPUTER)
+        for launcher in self._launchers:
+            self._where.addItem(launcher.name)
+            self._where.setItemData(self._where.count() - 1, launcher.template,
+                                    Qt.ItemDataRole.ToolTipRole)
+        if self._where.findText(current) >= 0:
+            self._where.setCurrentText(current)
+
+    def launcher(self) -> Launcher | None:
+        """The chosen launcher (None: this computer)."""
+        name = self._where.currentText()
+        return next((x for x in self._launchers if x.name == name), None)
+
+    def save_launcher(self, launcher: Launcher, select: bool = True) -> None:
+        """Add ``launcher`` to the user's settings (replacing one of the same name).
+
+        Args:
+            launcher: the launcher.
+            select: choose it in the "Train on" box.
+        """
+        others = [x for x in load_launchers() if x.name != launcher.name]
+        save_launchers(others + [launcher])
+        self.reload_launchers()
+        if select:
+            self._where.setCurrentText(launcher.name)
+
+    def remove_launcher(self, name: str) -> None:
+        """Delete a saved launcher."""
+        save_launchers([x for x in load_launchers() if x.name != name])
+        self.reload_launchers()
+
+    def edit_launcher(self) -> None:
+        """The launcher dialog: a new launcher, or the chosen one to edit."""
+        from napari_lesionseg._launcher_dialog import LauncherDialog
+
+        dialog = LauncherDialog(self.launcher(), self)
+        if dialog.exec() != QDialog.DialogCode.Accepted:
+            return
+        try:
+            launcher = dialog.launcher()
+        except Exception as exc:  # noqa: BLE001 - InputError: a one-line message
+            show_error(str(exc))
+            return
+        self.save_launcher(launcher)
+
+    def refresh_runs(self) -> list[str]:
+        """List the project's running runs (fresh heartbeat) in the "Running" box.
+
+        Returns:
+            Their model ids, newest first.
+        """
+        project = self.state.project
+        self._runs.clear()
+        infos = list_runs(project.path) if project is not None else []
+        for info in infos:
+            where = f"{info.host}" + (f" ×{info.world_size}" if info.world_size > 1 else "")
+            self._runs.addItem(f"{info.model_id} · {where} · step {info.step}", info.model_id)
+        if not infos:
+            self._runs.addItem("none", None)
+        following = self.process is not None
+        self._runs.setEnabled(bool(infos) and not following)
+        self._attach_btn.setEnabled(bool(infos) and not following)
+        return [info.model_id for info in infos]
+
     def stop(self, force: bool = False) -> None:
-        """Stop gracefully (checkpoint, then finish); a second call (or ``force``) kills."""
+        """Stop gracefully (checkpoint, then finish); a second call (or ``force``) kills.
+
+        A run elsewhere gets a stop request through the project; a second call stops
+        following it (it cannot be killed from here)."""
         proc = self.process
         if proc is None:
             return
+        if _remote(proc):
+            if force or self._cancel_sent:
+                proc.kill()
+                self._finish_run()
+                self.status.update(state=st.IDLE, message=f"no longer following "
+                                   f"{self.status.model_id or 'the run'}; it goes on where it runs")
+                return
+            proc.cancel()
+            self._cancel_sent = True
+            self._stop_btn.setText("Detach")
+            self.status.state = st.STOPPING
+            return
         if force or self._cancel_sent:
             proc.kill()
-            self._status.setText("trainer killed; the last checkpoint is kept")
             self._finish_run()
+            self.status.update(state=st.FINISHED, reason="killed", eta_s=None,
+                               message="trainer killed; the last checkpoint is kept")
             return
         proc.cancel()
         self._cancel_sent = True
         self._stop_btn.setText("Kill")
-        self._bar.setFormat("stopping after this step …")
+        self.status.state = st.STOPPING
 
     def _set_running(self, running: bool) -> None:
         self._start_btn.setEnabled(not running and bool(self.available_methods()))
         self._stop_btn.setEnabled(running)
         self._stop_btn.setText("Stop")
         self._cancel_sent = False
-        for w in (self._method, self._device, self._budget, self._steps, self._image_size,
-                  self._continue):
+        for form in (self.form, self.more_form, self.options_form):
+            form.enabled = not running
+        for w in (self._continue, self._where, self._edit_launcher, self._refresh_runs):
             w.setEnabled(not running)
+        self._runs.setEnabled(not running and self._runs.currentData() is not None)
+        self._attach_btn.setEnabled(not running and self._runs.currentData() is not None)
 
     def _finish_run(self, wait: bool = False) -> None:
         """The run is over: release the process (in the background unless ``wait``)."""
@@ -442,81 +686,39 @@ class TrainerPanel(QWidget):
             self._activity = None
         self.state.training = False
         self._set_running(False)
-        self._update_methods()
+        self._update_methods(message=False)  # the status line says how the run ended
         self.state.reload_index()
+        if self.state.project is not None:
+            self.refresh_runs()
+            self._runs_timer.start()
 
     # ------------------------------------------------------------------ events
     def poll(self) -> None:
         """Drain the trainer's events (called by the timer every ``POLL_MS``)."""
         if self.process is None:
             return
+        proc = self.process
         try:
-            events = self.process.poll()
+            events = proc.poll()
         except Exception as exc:  # noqa: BLE001 - broken queue
             events = [_failed(f"lost contact with the trainer: {exc}")]
         for event in events:
             self.handle_event(event)
+        if (self.process is proc and not self._started_seen and hasattr(proc, "status")
+                and self.status.state == st.STARTING):
+            self.status.waiting = proc.status()  # a launcher: submitted, waiting for the run
 
     def handle_event(self, event: Any) -> None:
-        """Map one trainer event onto the widgets and the workspace state."""
+        """Map one trainer event onto the status (the widgets follow it); the run's end also
+        releases the process, notifies, and may start an automatic retrain."""
         from training_backend import events as ev
 
         self.events_seen.append(event)
+        self.status.apply(event)
         if isinstance(event, ev.Started):
-            self._model_id = event.model_id
-            what = (f"{event.total_steps} steps" if event.total_steps
-                    else f"{event.budget_s:.0f} s budget" if event.budget_s else "")
-            self._status.setText(f"{event.model_id} on {event.device}: {event.n_train} training "
-                                 f"cases, {event.n_val} for validation, {what}")
-        elif isinstance(event, ev.Progress):
-            self._bar.setValue(int(round(1000 * max(0.0, min(1.0, event.fraction)))))
-            total = f"/{event.total}" if event.total else ""
-            self._bar.setFormat(f"step {event.step}{total} · {event.elapsed_s:.0f} s")
-            if self._activity is not None:
-                self._activity.n = self._bar.value()
-                self._activity.refresh()
-        elif isinstance(event, ev.Loss):
-            parts = ", ".join(f"{k} {v:.3f}" for k, v in event.values.items() if k != "loss")
-            loss = event.values.get("loss")
-            text = f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss"
-            if isinstance(loss, (int, float)):
-                self.run_curve.add_loss(event.step, loss)
-            self._loss_text = text + (f" ({parts})" if parts else "")
-            self._show_metrics()
-        elif isinstance(event, ev.Validation):
-            self._last_dice = event.dice
-            self.run_curve.add_dice(event.step, event.dice)
-            self._show_metrics()
-        elif isinstance(event, ev.ValidationFolded):
-            self._folded_at = event.step
-            self.run_curve.mark_fold(event.step)
-            self._show_metrics()
-        elif isinstance(event, ev.RoundFinished):
-            self._n_labelled = event.n_annotations
-            if event.dice is not None:
-                self.curve.add_point(event.n_annotations, event.dice)
-        elif isinstance(event, ev.PredictionProgress):
-            self._bar.setValue(int(round(1000 * event.done / max(1, event.total))))
-            if event.done < event.total:
-                eta = event.elapsed_s / event.done * (event.total - event.done)
-                self._bar.setFormat(f"predicting {event.done}/{event.total} · about {eta:.0f} s left")
-            else:
-                self._bar.setFormat(f"predictions written for {event.total} cases")
-            if self._activity is not None:
-                self._activity.set_description(f"Predicting {event.done}/{event.total}")
-                self._activity.n = self._bar.value()
-                self._activity.refresh()
-        elif isinstance(event, ev.PredictionsReady):
-            if self.state.project is not None:
-                self.state.project.refresh()
-            self.state.outputs_changed.emit(tuple(event.case_ids))
-        elif isinstance(event, ev.CheckpointSaved):
-            self._status.setText(f"checkpoint at step {event.step}")
+            self._started_seen = True
         elif isinstance(event, ev.Finished):
-            self._bar.setValue(1000)
-            self._bar.setFormat(f"finished: {event.reason} · step {event.step}")
             show_info(f"Training {event.model_id} finished ({event.reason}, step {event.step})")
-            self._status.setText(f"model {event.model_id} ready")
             self._finish_run()
             if event.reason != "cancelled":
                 self._maybe_auto_retrain()  # labels saved while it ran may already be enough
@@ -525,23 +727,11 @@ class TrainerPanel(QWidget):
             show_error(message if len(message) < 300 else message[:297] + "...")
             if event.traceback and not getattr(event, "user_error", False):
                 logger.error("lesionseg trainer failed:\n%s", event.traceback)
-            self._bar.setFormat("failed")
-            self._status.setText(f"failed: {message.splitlines()[0]} — fix it and press Start "
-                                 "to try again")
             self._finish_run()
 
     def status_text(self) -> str:
         """The panel's status and metrics lines, as the user reads them."""
         return " · ".join(t for t in (self._status.text(), self._metrics.text()) if t)
-
-    def _show_metrics(self) -> None:
-        text = self._loss_text
-        if self._last_dice is not None:
-            text += f" · validation Dice {self._last_dice:.3f}"
-            if self._folded_at is not None:
-                # the score stays the one measured before those cases were trained on
-                text += f" (step {self._folded_at}; its cases are trained on from there)"
-        self._metrics.setText(text.strip(" ·"))
 
     # ------------------------------------------------------------------ auto-retrain
     def _on_labels_saved(self, _cid: str) -> None:
@@ -576,8 +766,13 @@ class TrainerPanel(QWidget):
         """End a running trainer gracefully and wait for it (cancel, checkpoint; killed after
         5 s) -- for closing the window."""
         if self.process is not None:
-            self._status.setText("stopping the trainer …")
+            self.status.message = "stopping the trainer …"
             self._finish_run(wait=True)
+
+
+def _remote(proc) -> bool:
+    """A run elsewhere (launched or followed): stopped through the project, never killed."""
+    return bool(getattr(proc, "remote", False))
 
 
 def _close_quietly(proc) -> None:

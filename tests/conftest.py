@@ -125,3 +125,23 @@ def tiny_project_factory(tmp_path):
     def factory(name: str = "tiny", **kw):
         return make_tiny_project(tmp_path / name, **kw)
     return factory
+
+
+@pytest.fixture(scope="session")
+def bundled_sample_template(tmp_path_factory):
+    """The bundled sample project, built once per session (copy it before changing it)."""
+    from training_backend.sample import create_sample_project
+
+    path = tmp_path_factory.mktemp("bundled") / "sample"
+    create_sample_project(path)
+    return path
+
+
+@pytest.fixture()
+def bundled_sample(bundled_sample_template, tmp_path):
+    """A fresh copy of the bundled sample project in ``tmp_path / "sample"``."""
+    import shutil
+
+    path = tmp_path / "sample"
+    shutil.copytree(bundled_sample_template, path)
+    return path

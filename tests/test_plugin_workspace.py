@@ -337,14 +337,14 @@ def test_export_writes_files(workspace, qtbot, sample_project, tmp_path):
     assert (written[5:9, 5:9] == 1).all() and written.sum() == 16
     assert (out / "provenance.csv").is_file()
 
-    panel = ws.export_panel                     # viewable masks: the values combo
-    panel._format.setCurrentText("nifti")       # noqa: SLF001
-    panel._values.setCurrentIndex(2)            # class colours: RGB, png/tiff only
-    assert panel._format.currentText() == "png"
-    assert not panel._format.model().item(2).isEnabled()
-    panel._values.setCurrentIndex(1)            # 0/255
+    panel = ws.export_panel                     # viewable masks: the values choice
+    panel._format.value = "nifti"               # noqa: SLF001
+    panel._values.value = "color"               # class colours: RGB, png/tiff only
+    assert panel._format.value == "png"
+    assert not panel._format.native.model().item(2).isEnabled()
+    panel._values.value = "binary"              # 0/255
     panel.last_report = None
-    panel._folder.setText(str(tmp_path / "viewable"))
+    panel._folder.value = tmp_path / "viewable"
     panel._export_btn.click()
     qtbot.waitUntil(lambda: panel.last_report is not None, timeout=10_000)
     viewable = io.read_image(panel.last_report.exported[0][1])
@@ -370,7 +370,7 @@ def test_create_project_and_import_folder(workspace, qtbot, tmp_path):
     names = sorted(ws.cases_panel.cell_text(r, 0) for r in range(3))
     assert names == ["scan (0)", "scan (1)", "scan (2)"]
     ann = ws.annotate_panel
-    assert [b.text() for b in ann._paint_group.buttons()] == ["1 lesion", "2 cyst", "0 background"]  # noqa: SLF001
+    assert [b.text() for b in ann.editor._paint_group.buttons()] == ["1 lesion", "2 cyst", "0 background"]  # noqa: SLF001
 
 
 def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
@@ -383,7 +383,7 @@ def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
     trainer = ws.trainer_panel
     # image labels only: the two methods that learn masks from them, cam recommended
     qtbot.waitUntil(lambda: trainer.available_methods() == ["cam", "mcwss"], timeout=10_000)
-    assert trainer._method.currentText() == "cam"                         # noqa: SLF001
+    assert trainer._method.value == "cam"                                 # noqa: SLF001
     assert trainer._method_note.text() == ("cam uses 3 image labels; "   # noqa: SLF001
                                            "not used: 1 unlabelled images")
     cid = project.case_ids()[0]
@@ -391,7 +391,7 @@ def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
     layer.paint((10, 10), 1)                       # the clinician scribbles on a case
     ws.annotate_panel.save_now()
     qtbot.waitUntil(lambda: "supervised" in trainer.available_methods(), timeout=5_000)
-    assert trainer._method.currentText() == "supervised"                  # noqa: SLF001
+    assert trainer._method.value == "supervised"                          # noqa: SLF001
     # a scribble, image labels and images without a mask: every method can train now
     assert trainer.available_methods() == ["supervised", "mean_teacher", "cam", "caml", "crii",
                                            "mcwss", "dual_unet", "collaborative"]
@@ -399,15 +399,14 @@ def test_method_follows_the_annotations_and_says_what_it_uses(workspace, qtbot,
     assert note.startswith("supervised uses 1 scribbles, 3 image labels")
     assert "not used: 1 unlabelled images (mean_teacher or caml would use them)" in note
 
-    trainer._method.setCurrentText("cam")          # the user picks cam on purpose ...
-    trainer._method.activated.emit(trainer._method.currentIndex())       # noqa: SLF001
+    trainer._method.value = "cam"                  # the user picks cam on purpose ...
     assert "not used: 1 scribbles" in trainer._method_note.text()        # noqa: SLF001
     assert "(supervised or mean_teacher would use them)" in trainer._method_note.text()
     layer = show(ws, qtbot, project.case_ids()[1])
     layer.paint((12, 12), 1)
     ws.annotate_panel.save_now()                   # ... and it stays cam after more scribbles
     qtbot.waitUntil(lambda: "2 scribbles" in trainer._method_note.text(), timeout=5_000)
-    assert trainer._method.currentText() == "cam"                         # noqa: SLF001
+    assert trainer._method.value == "cam"                                 # noqa: SLF001
 
 
 def test_trainer_runs_in_a_process_and_shows_outputs(workspace, qtbot, tiny_project, monkeypatch):
@@ -609,13 +608,14 @@ def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeyp
     project = ws.project_panel.create_project(tmp_path / "csv", ["MA", "HE", "EX", "SE"],
                                               ["no lesion", "lesion"])
     dialog = CsvImportDialog(project, read_csv_table(sample_manifest_path()))
-    assert dialog.label.currentText() == "dr"
-    assert dialog.label.preview.text() == "lesion, no lesion (2 distinct)"
-    assert dialog.check_line.text() == "10 rows: 10 will be imported"
-    dialog.label.setCurrentText("image_id")     # a wrong choice is flagged before importing
+    assert dialog.label.value == "dr"
+    assert dialog.previews["label_col"].value == "lesion, no lesion (2 distinct)"
+    assert dialog.check_line.value == "10 rows: 10 will be imported"
+    dialog.label.value = "image_id"             # a wrong choice is flagged before importing
     assert dialog.check.n_skipped == 10
-    assert dialog.check_line.text().startswith("10 rows: 0 will be imported, 10 skipped (label ")
-    dialog.label.setCurrentText("dr")
+    assert dialog.previews["label_col"].value.startswith("IDRiD_")
+    assert dialog.check_line.value.startswith("10 rows: 0 will be imported, 10 skipped (label ")
+    dialog.label.value = "dr"
     kwargs = dialog.kwargs()
     assert kwargs["image_col"] == "image"
     assert kwargs["mask_cols"] == [(f"{c}_mask", c) for c in ("MA", "HE", "EX", "SE")]

@@ -3,7 +3,8 @@
 ``P/models/<model id>/step_000123.pt`` and ``latest.pt`` (a hard link to the newest step file),
 ``config.json`` beside. A checkpoint holds tensors and plain Python values only, so it loads
 with ``torch.load(..., weights_only=True)``; it is written to a temporary file and moved into
-place with ``os.replace``, so a process killed at any moment leaves the previous one intact.
+place with ``os.replace`` (`training_backend.atomic`), so a process killed at any moment leaves
+the previous one intact.
 
 The trainer writes checkpoints, inference reads them; both import this module (and neither
 imports the other).
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from training_backend.atomic import atomic_path
 from training_backend.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,28 +82,18 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         path: final file path.
         payload: tensors and plain Python values only.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def link_latest(step_file: Path) -> Path:
     """Point ``latest.pt`` at ``step_file`` atomically (hard link; copy where links fail)."""
     latest = step_file.with_name("latest.pt")
-    tmp = step_file.with_name(f".latest.pt.tmp-{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(step_file, tmp)
-    except OSError:
-        shutil.copyfile(step_file, tmp)
-    os.replace(tmp, latest)
+    with atomic_path(latest) as tmp:
+        try:
+            os.link(step_file, tmp)
+        except OSError:
+            shutil.copyfile(step_file, tmp)
     return latest
 
 

@@ -18,6 +18,7 @@ VERB_MODULES = (
     "training_backend.cli_data",   # import, export, info, sample
     "training_backend.cli_train",  # train, predict, evaluate, methods
     "training_backend.cli_rank",   # rank, strategies
+    "training_backend.cli_simulate",  # simulate
 )
 
 

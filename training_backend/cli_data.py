@@ -10,6 +10,7 @@ from pathlib import Path
 
 from training_backend import io
 from training_backend.errors import InputError, ProjectError
+from training_backend.formats import export_formats
 
 _SKIPPED_SHOWN = 30  # skipped rows listed in full; the rest are counted
 
@@ -88,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "to NAME.prev-<timestamp>.EXT, never overwritten.")
     e.add_argument("--project", required=True, help="project folder")
     e.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    e.add_argument("--format", default="png", choices=list(io.MASK_FORMATS),
+    e.add_argument("--format", default="png", choices=list(export_formats()),
                    help="file format (default: png; nifti writes .nii.gz, zarr a folder per mask)")
     e.add_argument("--source", default="annotation",
                    choices=["annotation", "prediction", "reference"],

@@ -2,7 +2,8 @@
 
 Training runs in this process (the same generator the GUI's trainer process runs) and shows a
 progress bar on stderr; the first Ctrl-C stops it gracefully (checkpoint, model registered), a
-second one aborts. torch is imported only when a verb needs it.
+second one aborts. ``--nproc N`` runs it in N processes through torchrun (`distributed`); under
+torchrun only rank 0 prints. torch is imported only when a verb needs it.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--project", required=True, help="project folder")
     t.add_argument("--method", default="supervised", help="training method (default: supervised); "
                    "see `lesionseg methods`")
-    length = t.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimisation steps")
-    length.add_argument("--budget-s", type=float, metavar="S",
-                        help="wall-clock budget in seconds (default: 300 when --steps is not given)")
+    t.add_argument("--steps", type=int, help="optimisation steps")
+    t.add_argument("--budget-s", type=float, metavar="S",
+                   help="wall-clock budget in seconds (default: 300 when --steps is not given; "
+                   "with both, whichever ends first)")
     t.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N, mps")
     t.add_argument("--resume", action="store_true",
                    help="continue the model's last checkpoint with its saved settings "
@@ -60,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="method option (repeatable; VALUE parsed as JSON when possible)")
     t.add_argument("--init-from", metavar="CKPT", help="fine-tune from a checkpoint, model folder or model id")
     t.add_argument("--no-predict", action="store_true", help="do not write predictions at the end")
+    t.add_argument("--predict-first", metavar="IDS",
+                   help="comma-separated case ids predicted first after a round (the rest follow)")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train in N processes on this machine (one per GPU, or CPU processes) "
+                   "through torchrun; each takes --batch-size images per step")
     t.set_defaults(func=_train)
 
     p = subparsers.add_parser(
@@ -142,7 +148,9 @@ class ProgressPrinter:
             if event.budget_s:
                 length += (" or " if length else "") + f"{event.budget_s:g} s"
             resumed = f", resuming at step {event.start_step}" if event.start_step else ""
-            self._line(f"training {event.model_id}: method {event.method} on {event.device}, "
+            device = (f"{event.world_size} processes ({event.device} on rank 0)"
+                      if getattr(event, "world_size", 1) > 1 else event.device)
+            self._line(f"training {event.model_id}: method {event.method} on {device}, "
                        f"{event.n_train} training / {event.n_val} validation cases, {length}{resumed}")
         elif isinstance(event, ev.Loss):
             self.loss = event.values.get("loss")
@@ -185,8 +193,12 @@ class ProgressPrinter:
 
 
 @contextlib.contextmanager
-def _graceful_interrupt(stream: TextIO) -> Iterator[threading.Event]:
-    """First Ctrl-C sets the yielded event (stop after this step); a second one aborts."""
+def _graceful_interrupt(stream: TextIO | None) -> Iterator[threading.Event]:
+    """First Ctrl-C sets the yielded event (stop after this step); a second one aborts.
+
+    Args:
+        stream: where to say so (None: say nothing).
+    """
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -196,8 +208,9 @@ def _graceful_interrupt(stream: TextIO) -> Iterator[threading.Event]:
         if flag.is_set():
             raise KeyboardInterrupt
         flag.set()
-        stream.write("\nstopping after this step (checkpoint); Ctrl-C again to abort\n")
-        stream.flush()
+        if stream is not None:
+            stream.write("\nstopping after this step (checkpoint); Ctrl-C again to abort\n")
+            stream.flush()
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -206,36 +219,81 @@ def _graceful_interrupt(stream: TextIO) -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from training_backend.errors import LesionsegError
-    from training_backend.events import Failed, Finished
-    from training_backend.models import ModelConfig
-    from training_backend.runtime import keep_freed_memory
-    from training_backend.trainer import TrainConfig, run_training
+def config_from_args(args: argparse.Namespace):
+    """The `TrainConfig` that ``lesionseg train`` arguments describe.
 
-    keep_freed_memory()
+    Args:
+        args: the parsed ``train`` arguments.
+    """
+    from training_backend.config import ModelConfig, TrainConfig
+
     model = ModelConfig() if args.base is None else ModelConfig(base=args.base)
-    config = TrainConfig(
+    first = [c.strip() for c in (args.predict_first or "").split(",") if c.strip()]
+    return TrainConfig(
         method=args.method, method_options=_parse_options(args.option), model=model,
         steps=args.steps, budget_s=args.budget_s, batch_size=args.batch_size,
         image_size=args.image_size, lr=args.lr, device=args.device, threads=args.threads,
         seed=args.seed, rounds=args.rounds, checkpoint_every_s=args.checkpoint_every_s,
         validate_every=args.validate_every, predict=not args.no_predict,
         **({} if args.fold_validation is None else {"fold_validation": args.fold_validation}),
-        mc_samples=args.mc_samples, init_from=args.init_from, model_id=args.model_id)
-    printer = ProgressPrinter(sys.stderr)
-    with _graceful_interrupt(sys.stderr) as stop:
+        mc_samples=args.mc_samples, init_from=args.init_from, model_id=args.model_id,
+        predict_first=first)
+
+
+def _launch(args: argparse.Namespace, config) -> int:
+    """``--nproc N``: the run in N processes through torchrun; Ctrl-C becomes a stop request in
+    the project (so the first one stops gracefully, as in one process)."""
+    from dataclasses import replace
+
+    from training_backend import runs
+    from training_backend.checkpoints import latest_model_with_checkpoint
+    from training_backend.distributed import launch
+    from training_backend.launchers import train_args
+
+    mid = config.model_id
+    if mid is None:  # fixed here, so that a stop request can name it
+        mid = (latest_model_with_checkpoint(args.project) if args.resume
+               else runs.new_model_id(args.project, config.method))
+        config = replace(config, model_id=mid)
+
+    def stop() -> None:
+        print("\nstopping after this step (checkpoint); Ctrl-C again to abort", file=sys.stderr)
+        if mid is not None:
+            runs.request_stop(args.project, mid, by="Ctrl-C")
+
+    return launch(args.nproc, train_args(config, args.project, resume=args.resume), stop)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training_backend.errors import LesionsegError
+    from training_backend.events import Failed, Finished
+
+    config = config_from_args(args)  # bad options fail here, before any process starts
+    if args.nproc is not None:
+        return _launch(args, config)
+
+    from training_backend.distributed import env_context
+    from training_backend.runtime import keep_freed_memory
+    from training_backend.trainer import run_training
+
+    keep_freed_memory()
+    main = env_context().is_main  # under torchrun only rank 0 reports
+    printer = ProgressPrinter(sys.stderr) if main else (lambda _event: None)
+    with _graceful_interrupt(sys.stderr if main else None) as stop:
         for event in run_training(args.project, config, resume=args.resume, cancel=stop.is_set):
             printer(event)
             if isinstance(event, Failed):
+                if not main:
+                    return 1
                 if event.user_error:
                     raise LesionsegError(event.message)
                 print(event.traceback, file=sys.stderr)
                 print(f"lesionseg train: failed: {event.message}", file=sys.stderr)
                 return 1
             if isinstance(event, Finished):
-                print(f"model {event.model_id} ({event.reason} at step {event.step}) "
-                      f"checkpoint {event.checkpoint}")
+                if main:
+                    print(f"model {event.model_id} ({event.reason} at step {event.step}) "
+                          f"checkpoint {event.checkpoint}")
                 return 0
     return 1  # pragma: no cover - the stream always ends with Finished or Failed
 

@@ -22,8 +22,13 @@ from training_backend.errors import InputError
 
 #: Default wall-clock budget when neither ``steps`` nor ``budget_s`` is given.
 DEFAULT_BUDGET_S = 300.0
+#: The window's first budget: a round of the annotation loop is kept short so that the clinician
+#: sees a model soon; the CLI and the benchmarks use `DEFAULT_BUDGET_S`.
+WINDOW_BUDGET_S = 120.0
 #: Normalisation layers a model may use.
 NORMS = ("batch", "instance")
+#: Devices offered by name (``TrainConfig.device`` also takes ``"cuda:N"``).
+DEVICES = ("auto", "cpu", "cuda", "mps")
 #: No encoder level has more channels than this.
 MAX_CHANNELS = 512
 
@@ -108,8 +113,8 @@ class TrainConfig:
         method: registered method name (``lesionseg methods``).
         method_options: keyword options passed to the method's constructor.
         model: network architecture.
-        steps: optimisation steps; ``budget_s``: wall-clock seconds. With neither, the budget is
-            300 s; with both, whichever ends first.
+        steps: optimisation steps (with ``budget_s`` too: whichever ends first).
+        budget_s: wall-clock seconds of training. With neither, the budget is 300 s.
         batch_size: labelled images per step (methods using unlabelled images get half as many
             unlabelled ones on top).
         image_size: side of the square training images.
@@ -477,5 +482,5 @@ def available_methods(counts: dict[str, int], catalog: dict[str, MethodSpec] | N
     return sorted(n for n, spec in specs.items() if spec.supervision.met_by(counts))
 
 
-__all__ = ["DEFAULT_BUDGET_S", "ModelConfig", "TrainConfig", "DATA_KINDS", "REQUIREMENT_KINDS", "KIND_WORDS", "Supervision", "Option",
+__all__ = ["DEFAULT_BUDGET_S", "WINDOW_BUDGET_S", "DEVICES", "ModelConfig", "TrainConfig", "DATA_KINDS", "REQUIREMENT_KINDS", "KIND_WORDS", "Supervision", "Option",
            "MethodSpec", "COMMON_OPTIONS", "METHOD_CATALOG", "available_methods"]

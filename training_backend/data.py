@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from training_backend.contract import Batch, Supervision
-from training_backend.store import IGNORE, CaseRecord, Project, mask_to_target
+from training_backend.labels import (IGNORE, count_supervision, has_image_label, mask_kind,
+                                     mask_to_target)
+from training_backend.store import CaseRecord, Project
 
 #: Fraction of fully annotated cases used for validation (at least 1 when there are ``MIN_FULL_FOR_VAL``).
 VAL_FRACTION = 0.15
@@ -467,27 +469,20 @@ def build_training_set(project: Project, image_size: int, supervision: Supervisi
     val_ids = set(select_validation(full_ids, seed)) if validation else set()
 
     rows: list[tuple[CaseRecord, str]] = []  # (record, group) group ∈ mask | image | unlabelled | val
-    counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0, "maskless": 0}
+    counts = count_supervision(r for r in records if r.id not in val_ids)  # as the store counts
     for rec in records:
         if rec.id in val_ids:
             rows.append((rec, "val"))
             continue
-        kind = None if rec.latest is None or rec.latest.labelled_fraction <= 0 else rec.latest.kind
-        counts["maskless"] += kind is None
-        has_info = rec.image_label is not None or bool(rec.presence) or kind == "full"
-        if kind is not None:
-            counts[kind] += 1
-        if rec.image_label is not None or rec.presence:
-            counts["image_label"] += 1
+        kind = mask_kind(rec)
+        has_info = has_image_label(rec) or kind == "full"
         mask_ok, label_ok = _uses(kind, has_info, supervision)
         if mask_ok:
             rows.append((rec, "mask"))
         elif label_ok:
             rows.append((rec, "image"))
-        else:
-            counts["unlabelled"] += kind is None and not has_info
-            if use_unlabelled:
-                rows.append((rec, "unlabelled"))
+        elif use_unlabelled:
+            rows.append((rec, "unlabelled"))
 
     images, targets, presences, img_cls = [], [], [], []
     has_mask, full = [], []

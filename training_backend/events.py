@@ -2,11 +2,13 @@
 
 Small, frozen, picklable dataclasses: the trainer process puts them on a queue, the GUI maps
 them onto its own state on the GUI thread, the CLI prints them. None holds a tensor.
+`to_dict` / `from_dict` give their plain-JSON form, one line each of a run's
+``runs/<model id>/events.jsonl`` (`runs`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Union
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Started:
     total_steps: int | None    # None in wall-clock budget mode
     budget_s: float | None     # None in step mode
     start_step: int = 0        # > 0 when resuming
+    world_size: int = 1        # processes training the model (torchrun)
 
 
 @dataclass(frozen=True)
@@ -120,5 +123,44 @@ Event = Union[Started, Progress, Loss, Validation, ValidationFolded, CheckpointS
 #: Events after which nothing more comes.
 TERMINAL = (Finished, Failed)
 
+#: Every event type by its class name (the ``"event"`` key of `to_dict`).
+EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in Event.__args__}
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """Plain-JSON form of an event: ``{"event": <class name>, **fields}``.
+
+    Args:
+        event: any event of this module.
+    """
+    name = type(event).__name__
+    if EVENT_TYPES.get(name) is not type(event):
+        raise TypeError(f"not a training event: {event!r}")
+    return {"event": name, **asdict(event)}
+
+
+def from_dict(d: dict[str, Any]) -> Event:
+    """The event `to_dict` gave (lists back to tuples where a field is a tuple).
+
+    Args:
+        d: a `to_dict` result, e.g. one line of a run's ``events.jsonl``.
+
+    Raises:
+        ValueError: unknown event name or fields.
+    """
+    cls = EVENT_TYPES.get(str(d.get("event")))
+    if cls is None:
+        raise ValueError(f"unknown event {d.get('event')!r}")
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    if "case_ids" in kwargs:
+        kwargs["case_ids"] = tuple(kwargs["case_ids"])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad {cls.__name__} event: {exc}") from None
+
+
 __all__ = ["Started", "Progress", "Loss", "Validation", "ValidationFolded", "CheckpointSaved", "RoundFinished",
-           "PredictionsReady", "PredictionProgress", "Finished", "Failed", "Event", "TERMINAL"]
+           "PredictionsReady", "PredictionProgress", "Finished", "Failed", "Event", "TERMINAL",
+           "EVENT_TYPES", "to_dict", "from_dict"]

@@ -35,7 +35,9 @@ from typing import Callable
 
 import numpy as np
 
-from training_backend import io
+from training_backend import formats, io
+from training_backend.atomic import atomic_write_bytes
+from training_backend.atomic import remove_dead_temporaries
 from training_backend.errors import InputError
 
 SOURCES = ("annotation", "prediction", "reference")
@@ -77,7 +79,8 @@ class ExportReport:
 
 def _split_suffix(name: str) -> tuple[str, str]:
     lower = name.lower()
-    for suffix in (".nii.gz", ".csv", ".json", ".png", ".tif", ".zarr"):
+    suffixes = [f.suffix for f in formats.export_formats().values()] + [".csv", ".json"]
+    for suffix in sorted(suffixes, key=len, reverse=True):
         if lower.endswith(suffix):
             return name[: -len(suffix)], name[-len(suffix):]
     stem, dot, ext = name.rpartition(".")
@@ -228,7 +231,7 @@ def export_masks(project, out_dir: str | os.PathLike, fmt: str = "png",
     Args:
         project: an open project.
         out_dir: output folder (created if missing).
-        fmt: ``png``, ``tiff``, ``nifti`` or ``zarr``.
+        fmt: ``png``, ``tiff``, ``nifti`` or ``zarr`` (`formats.export_formats`).
         source: ``annotation`` (latest version of each case), ``prediction`` (latest model
             output's class map) or ``reference`` (the hidden reference masks).
         on_progress: called as ``on_progress(done, total)`` after each case.
@@ -238,27 +241,30 @@ def export_masks(project, out_dir: str | os.PathLike, fmt: str = "png",
     Returns:
         :class:`ExportReport`.
     """
-    if fmt not in io.MASK_FORMATS:
+    offered = formats.export_formats()
+    if fmt not in offered:
         raise InputError(out_dir, f"unknown export format {fmt!r}; expected one of "
-                                  f"{', '.join(io.MASK_FORMATS)}")
+                                  f"{', '.join(offered)}")
     if source not in SOURCES:
         raise InputError(out_dir, f"unknown mask source {source!r}; expected one of "
                                   f"{', '.join(SOURCES)}")
     if values not in VALUES:
         raise InputError(out_dir, f"unknown mask values {values!r}; expected one of "
                                   f"{', '.join(VALUES)}")
-    if values == "color" and fmt not in ("png", "tiff"):
-        raise InputError(out_dir, f"colour masks are RGB images: export them as png or tiff, "
+    if values == "color" and not offered[fmt].writes_rgb:
+        rgb = " or ".join(n for n, f in offered.items() if f.writes_rgb)
+        raise InputError(out_dir, f"colour masks are RGB images: export them as {rgb}, "
                                   f"not {fmt}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out)  # left by an export that was killed
     now = datetime.now(timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     report = ExportReport(out_dir=out)
     cids = list(project.case_ids() if case_ids is None else case_ids)
-    names = export_file_names(project, cids, io.MASK_FORMATS[fmt])
+    names = export_file_names(project, cids, offered[fmt].suffix)
     rows: list[dict] = []
     for i, cid in enumerate(cids, start=1):
         got = _mask_and_provenance(project, cid, source)
@@ -303,13 +309,13 @@ def _write_sidecars(project, out: Path, rows: list[dict], fmt: str, source: str,
         "pixel_values": _pixel_values(project, source, values),
         "cases": rows,
     }
-    if fmt == "nifti":
-        meta["nifti_layout"] = ("voxel [i, j] = mask[row j, column i] (image transposed), "
-                                "identity affine")
+    note = formats.FORMATS[fmt].layout_note
+    if note:
+        meta[f"{fmt}_layout"] = note
     for name, data in (("provenance.csv", buf.getvalue().encode("utf-8")),
                        ("provenance.json", json.dumps(meta, indent=1, ensure_ascii=False)
                         .encode("utf-8"))):
         path = out / name
         _keep_previous(path, stamp, report)
-        io.atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
         report.sidecars.append(path)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import os
 import re
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from training_backend import io
+from training_backend import formats, io
 from training_backend.errors import InputError, ProjectError
 
 ProgressCallback = Callable[[int, int], None]
@@ -243,23 +244,24 @@ class _Importer:
         visible_presence = None if hide_labels else row.presence
         name = self.name_for(row.image_path, rel)
         source = str(row.image_path.resolve())
-        cid = project.add_case(row.image, name, source=source, image_label=visible_label,
-                               presence=visible_presence, split=row.split)
-        try:
-            if row.mask is not None and not reference:
-                project.save_annotation(cid, row.mask, "full", author="import",
-                                        source=f"import:{row.mask_source}")
-            if reference or hide_labels:
-                ref_mask = row.mask if reference else None
-                if ref_mask is not None or row.label is not None or row.presence is not None:
-                    project.set_reference(cid, mask=ref_mask, image_label=row.label,
-                                          presence=row.presence)
-        except BaseException:
-            # all of the row or none of it: a case without its mask would be taken for an
-            # already imported duplicate when the import is run again
-            with contextlib.suppress(ProjectError, OSError):  # the first error is the one to tell
-                project.discard_new_case(cid)
-            raise
+        with project.together():  # the case and its mask reach the index in one write
+            cid = project.add_case(row.image, name, source=source, image_label=visible_label,
+                                   presence=visible_presence, split=row.split)
+            try:
+                if row.mask is not None and not reference:
+                    project.save_annotation(cid, row.mask, "full", author="import",
+                                            source=f"import:{row.mask_source}")
+                if reference or hide_labels:
+                    ref_mask = row.mask if reference else None
+                    if ref_mask is not None or row.label is not None or row.presence is not None:
+                        project.set_reference(cid, mask=ref_mask, image_label=row.label,
+                                              presence=row.presence)
+            except BaseException:
+                # all of the row or none of it: a case without its mask would be taken for an
+                # already imported duplicate when the import is run again
+                with contextlib.suppress(ProjectError, OSError):  # the first error is the one to tell
+                    project.discard_new_case(cid)
+                raise
         self.sources[source] = cid
         self.names.add(name)
         return cid
@@ -291,8 +293,8 @@ def import_folder(project, folder: str | os.PathLike, recursive: bool = False,
         for entry in sorted(d.iterdir(), key=lambda p: _natural_key(p.name)):
             if entry.name.startswith("."):
                 continue
-            fmt = io.image_format(entry)
-            if fmt is not None and (fmt == "zarr" or entry.is_file()):
+            fmt = formats.from_path(entry)
+            if fmt is not None and (fmt.folder or entry.is_file()):
                 found.append(entry)
             elif entry.is_dir() and recursive:
                 scan(entry)
@@ -339,6 +341,10 @@ def import_files(project, paths: Sequence[str | os.PathLike], image_label: str |
                     report.imported.append(imp.write(row, rel, False, False))
                 except InputError as exc:
                     report.skipped.append((i, str(path), exc.problem))
+                except OSError as exc:  # a name too long, a folder we may not read, ...
+                    if exc.errno not in _PATH_ERRNOS:
+                        raise  # a full disk stops the import: nothing more can be saved
+                    report.skipped.append((i, str(path), _os_problem(exc)))
             imp.progress(i, len(paths))
     return report
 
@@ -407,9 +413,23 @@ def import_csv(project, csv_path: str | os.PathLike, image_col: str = "image",
                 report.imported.append(imp.write(row, cell, reference, hide_labels))
             except InputError as exc:
                 report.skipped.append((row_no, exc.path, exc.problem))
+            except OSError as exc:  # a name too long, a folder we may not read, ...
+                if exc.errno not in _PATH_ERRNOS:
+                    raise  # a full disk stops the import: nothing more can be saved
+                report.skipped.append((row_no, cell, _os_problem(exc)))
             finally:
                 imp.progress(i, n)
     return report
+
+
+#: Errors of a path the user gave (the row is skipped); any other OSError stops the import.
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP,
+                errno.ENOTDIR, errno.EISDIR, errno.EINVAL}
+
+
+def _os_problem(exc: OSError) -> str:
+    """One line for an operating-system error on a path from the user."""
+    return f"cannot use this path ({exc.strerror or type(exc).__name__})"
 
 
 def _read_row(project, values: dict[str, str], base: Path, image_path: Path,

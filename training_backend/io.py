@@ -1,8 +1,10 @@
 """Reading images and masks, writing masks.
 
-Formats: PNG, JPEG, TIFF (8/16-bit, float; via tifffile), DICOM (single frame; via pydicom),
-NIfTI (2-D, ``.nii`` / ``.nii.gz``; via nibabel) and zarr arrays (a folder holding
-``zarr.json`` or ``.zarray``, e.g. ``scan.zarr`` or ``store.zarr/images/c000001``).
+Formats come from the registry in `training_backend.formats` (one file per format): PNG, JPEG,
+TIFF (8/16-bit, float; via tifffile), DICOM (single frame; via pydicom), NIfTI (2-D, ``.nii`` /
+``.nii.gz``; via nibabel) and zarr arrays (a folder holding ``zarr.json`` or ``.zarray``, e.g.
+``scan.zarr`` or ``store.zarr/images/c000001``). This module holds what is the same for every
+format: finding the format of a path, the layout and value checks, and atomic writing.
 
 Conventions (the same for every format):
 
@@ -28,53 +30,33 @@ folder, then ``os.replace``).
 """
 from __future__ import annotations
 
-import gzip
-import io as _bytes_io
 import os
-import shutil
-import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from training_backend import formats
+from training_backend.atomic import atomic_write_bytes  # noqa: F401 (kept as io.atomic_write_bytes)
 from training_backend.errors import InputError
 
-#: File suffix (lower case) -> format name.
-SUFFIX_FORMATS: dict[str, str] = {
-    ".png": "png",
-    ".jpg": "jpeg",
-    ".jpeg": "jpeg",
-    ".tif": "tiff",
-    ".tiff": "tiff",
-    ".dcm": "dicom",
-    ".dicom": "dicom",
-    ".nii": "nifti",
-    ".nii.gz": "nifti",
-    ".zarr": "zarr",
-}
+#: File suffix (lower case) -> format name (from the format registry).
+SUFFIX_FORMATS: dict[str, str] = {s: f.name for f in formats.FORMATS.values() for s in f.suffixes}
 #: Formats ``write_mask`` can write, and the suffix ``export`` gives each.
-MASK_FORMATS: dict[str, str] = {"png": ".png", "tiff": ".tif", "nifti": ".nii.gz", "zarr": ".zarr"}
+MASK_FORMATS: dict[str, str] = {n: f.suffix for n, f in formats.mask_formats().items()}
 
 _STEM_SUFFIXES = set(SUFFIX_FORMATS) | {".bmp", ".gif", ".webp", ".mha", ".mhd", ".nrrd", ".h5"}
-_FORMAT_NAMES = "PNG, JPEG, TIFF, DICOM, NIfTI (.nii/.nii.gz) or zarr"
+#: Suffixes with more than one dot, longest first (``.nii.gz``, OME variants).
+_COMPOUND_SUFFIXES = sorted({s for s in SUFFIX_FORMATS if s.count(".") > 1}
+                            | {".ome.tiff", ".ome.tif", ".ome.zarr"}, key=len, reverse=True)
 _MAX_LISTED = 6  # how many bad values an error message lists
 
 
+def _format_names() -> str:
+    titles = [f.title for f in formats.FORMATS.values()]
+    return ", ".join(titles[:-1]) + " or " + titles[-1] if len(titles) > 1 else "".join(titles)
+
+
 # --------------------------------------------------------------------------- paths
-
-
-def _is_zarr_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def image_format(path: str | os.PathLike) -> str | None:
@@ -88,18 +70,8 @@ def image_format(path: str | os.PathLike) -> str | None:
         no known suffix are recognised as DICOM by their ``DICM`` preamble; folders holding
         zarr metadata are zarr whatever their name.
     """
-    p = Path(path)
-    name = p.name.lower()
-    if name.endswith(".nii.gz"):
-        return "nifti"
-    fmt = SUFFIX_FORMATS.get(p.suffix.lower())
-    if fmt is not None:
-        return fmt
-    if p.is_dir():
-        return "zarr" if _is_zarr_dir(p) else None
-    if p.is_file() and _looks_like_dicom(p):
-        return "dicom"
-    return None
+    fmt = formats.from_path(path)
+    return None if fmt is None else fmt.name
 
 
 def file_stem(path: str | os.PathLike) -> str:
@@ -110,7 +82,7 @@ def file_stem(path: str | os.PathLike) -> str:
     """
     name = Path(path).name
     lower = name.lower()
-    for suffix in (".nii.gz", ".ome.tiff", ".ome.tif", ".ome.zarr"):
+    for suffix in _COMPOUND_SUFFIXES:
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     suffix = Path(name).suffix
@@ -130,8 +102,8 @@ def _check_path(path: Path) -> str:
             raise InputError(path, "is a folder, not an image (a zarr array folder holds "
                                    "zarr.json or .zarray)")
         suffix = "".join(Path(path.name).suffixes[-1:]) or "(none)"
-        raise InputError(path, f"unsupported file type '{suffix}'; expected {_FORMAT_NAMES}")
-    if fmt != "zarr":
+        raise InputError(path, f"unsupported file type '{suffix}'; expected {_format_names()}")
+    if not formats.FORMATS[fmt].folder:
         if path.is_dir():
             raise InputError(path, f"is a folder, expected a {fmt.upper()} file")
         if path.stat().st_size == 0:
@@ -139,193 +111,9 @@ def _check_path(path: Path) -> str:
     return fmt
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-# --------------------------------------------------------------------------- raw readers
-# Each returns an array laid out as (H, W) or (H, W, C) where the format says so; dtype and
-# channel checks happen afterwards, shared by images and masks.
-
-
-def _read_pil(path: Path, fmt: str, palette_indices: bool) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = Image.open(path)
-            n_frames = getattr(im, "n_frames", 1)
-            if n_frames > 1:
-                raise InputError(path, f"has {n_frames} frames; expected a single image")
-            im.load()
-    except InputError:
-        raise
-    except Image.UnidentifiedImageError as exc:
-        raise InputError(path, f"not a valid {fmt.upper()} file (corrupt, or another format "
-                               f"with a {path.suffix} name)") from exc
-    except Image.DecompressionBombError as exc:
-        raise InputError(path, f"image too large to read safely ({_one_line(exc)})") from exc
-    except Exception as exc:  # PIL raises many types for corrupt/truncated data
-        raise InputError(path, f"cannot read {fmt.upper()} data, corrupt or truncated? "
-                               f"({_one_line(exc)})") from exc
-    mode = im.mode
-    if mode == "P" and palette_indices:
-        return np.asarray(im)  # class indices, as stored (palette masks)
-    if mode in ("P", "PA"):
-        im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
-    elif mode in ("La", "RGBa"):
-        im = im.convert("RGBA")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        im = im.convert("RGB")
-    arr = np.asarray(im)
-    if im.mode.startswith("I;16"):
-        arr = arr.astype(np.uint16)  # native byte order
-    elif im.mode == "I":  # 32-bit integer (older 16-bit PNG decoding, some TIFF-ish files)
-        if arr.size and arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max:
-            arr = arr.astype(np.uint16)
-    return arr
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                raise InputError(path, "TIFF file holds no image")
-            series = tif.series[0]
-            axes = series.axes
-            arr = series.asarray()
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(path, f"cannot read TIFF data, corrupt, truncated or an unsupported "
-                               f"compression? ({_one_line(exc)})") from exc
-    # Put Y, X first and the sample/channel axis last, using tifffile's axis names.
-    if "Y" in axes and "X" in axes and len(axes) == arr.ndim:
-        order = [axes.index("Y"), axes.index("X")]
-        rest = [i for i in range(arr.ndim) if i not in order]
-        channel = [i for i in rest if axes[i] in "SC" and arr.shape[i] > 1]
-        other = [i for i in rest if i not in channel]
-        arr = np.transpose(arr, order + other + channel)  # (H, W, *other, *channel)
-        other_shape = arr.shape[2 : 2 + len(other)]
-        if any(n > 1 for n in other_shape):
-            raise InputError(path, f"TIFF holds a stack of shape {tuple(series.shape)} "
-                                   f"(axes {axes}); expected a single 2-D image")
-        arr = arr.reshape(arr.shape[:2] + arr.shape[2 + len(other):])
-    return arr
-
-
-def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise InputError(path, "not a DICOM file (no DICM header)") from exc
-    except Exception as exc:
-        raise InputError(path, f"cannot read DICOM file, corrupt or truncated? "
-                               f"({_one_line(exc)})") from exc
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise InputError(path, "DICOM file has no pixel data (a report, or a DICOMDIR?)")
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        frames = 1
-    if frames > 1:
-        raise InputError(path, f"multi-frame DICOM ({frames} frames); export a single frame")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", syntax) or "unknown"
-        hint = ("; compressed data may need the pylibjpeg or gdcm package"
-                if getattr(syntax, "is_compressed", False) else ", corrupt or truncated?")
-        raise InputError(path, f"cannot decode DICOM pixel data (transfer syntax {name}{hint}): "
-                               f"{_one_line(exc)}") from exc
-    arr = np.asarray(arr)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1" and arr.size:
-        lo, hi = arr.min(), arr.max()
-        arr = (hi - arr) + lo  # mirror in the value range; same dtype, same range
-    try:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    except (TypeError, ValueError) as exc:
-        raise InputError(path, f"invalid RescaleSlope/RescaleIntercept ({_one_line(exc)})") from exc
-    if slope != 1.0 or intercept != 0.0:
-        arr = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    return arr
-
-
-def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        raise InputError(path, f"cannot read NIfTI file, corrupt or truncated? "
-                               f"({_one_line(exc)})") from exc
-    if data.dtype.names:  # RGB24 / RGBA32 structured voxels
-        data = np.stack([data[name] for name in data.dtype.names], axis=-1)
-        spatial = data.shape[:-1]
-        colour = True
-    else:
-        spatial = data.shape
-        colour = False
-    kept = [n for n in spatial if n != 1]
-    if len(kept) > 2:
-        raise InputError(path, f"NIfTI volume of shape {tuple(spatial)}; only 2-D images "
-                               f"(one slice) are supported")
-    if len(kept) < 2:  # a 1-pixel-wide or empty image: keep two axes so the shape check reports it
-        kept = list(spatial[:2]) if len(spatial) >= 2 else kept + [1] * (2 - len(kept))
-    data = data.reshape(kept + ([data.shape[-1]] if colour else []))
-    return np.swapaxes(data, 0, 1)  # (i=x, j=y) -> (row=j, col=i)
-
-
-def _read_zarr(path: Path) -> np.ndarray:
-    import zarr
-
-    try:
-        node = zarr.open(str(path), mode="r")
-        if isinstance(node, zarr.Group):
-            names = sorted(node.array_keys())
-            if "0" in names:  # OME-Zarr multiscale: level 0 is full resolution
-                node = node["0"]
-            elif len(names) == 1:
-                node = node[names[0]]
-            else:
-                listed = ", ".join(names[:_MAX_LISTED]) or "none"
-                raise InputError(path, f"zarr group holds {len(names)} arrays ({listed}); "
-                                       f"give the path of one array")
-        arr = np.asarray(node[...])
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(path, f"cannot read zarr array ({_one_line(exc)})") from exc
-    if arr.ndim > 2:
-        arr = arr.reshape([n for n in arr.shape if n != 1] or [1, 1])
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] > 4:
-        arr = np.moveaxis(arr, 0, -1)  # channel-first (C, H, W) -> (H, W, C)
-    return arr
-
-
 def _read_raw(path: Path, palette_indices: bool) -> tuple[np.ndarray, str]:
     fmt = _check_path(path)
-    if fmt in ("png", "jpeg"):
-        arr = _read_pil(path, fmt, palette_indices)
-    elif fmt == "tiff":
-        arr = _read_tiff(path)
-    elif fmt == "dicom":
-        arr = _read_dicom(path)
-    elif fmt == "nifti":
-        arr = _read_nifti(path)
-    else:
-        arr = _read_zarr(path)
-    return np.asarray(arr), fmt
+    return np.asarray(formats.FORMATS[fmt].read(path, palette_indices)), fmt
 
 
 # --------------------------------------------------------------------------- layout checks
@@ -465,7 +253,8 @@ def read_mask(path: str | os.PathLike, n_classes: int = 1) -> np.ndarray:
     if bad.size:
         listed = ", ".join(str(v) for v in bad[:_MAX_LISTED].tolist())
         more = f" and {bad.size - _MAX_LISTED} more" if bad.size > _MAX_LISTED else ""
-        hint = " (a lossy JPEG mask?)" if fmt == "jpeg" else ""
+        lossy = formats.FORMATS[fmt]
+        hint = f" (a lossy {lossy.title} mask?)" if lossy.lossy else ""
         raise InputError(path, f"mask values {listed}{more} outside 0..{n_classes} "
                                f"(0 = background, 1..{n_classes} = class){hint}")
     return arr.astype(np.uint8)
@@ -501,88 +290,19 @@ def union_masks(paths, n_classes: int = 1) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-def _tmp_sibling(path: Path, tag: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
-
-    Args:
-        path: destination file; its folder must exist.
-        data: the complete file content.
-    """
-    path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _mask_format(path: Path, fmt: str | None) -> str:
+    writable = formats.mask_formats()
     if fmt is None:
         fmt = image_format(path)
-        if fmt not in MASK_FORMATS:
+        if fmt not in writable:
+            suffixes = sorted(s for f in writable.values() for s in f.suffixes)
             raise InputError(path, f"cannot tell the mask format from the name; use one of "
-                                   f"{', '.join(MASK_FORMATS)} (suffixes "
-                                   f"{', '.join(sorted(set(MASK_FORMATS.values()) | {'.tiff', '.nii'}))})")
+                                   f"{', '.join(writable)} (suffixes {', '.join(suffixes)})")
         return fmt
-    fmt = fmt.lower()
-    aliases = {"tif": "tiff", "nii": "nifti", "nii.gz": "nifti"}
-    fmt = aliases.get(fmt, fmt)
-    if fmt not in MASK_FORMATS:
-        raise ValueError(f"unknown mask format {fmt!r}; expected one of {', '.join(MASK_FORMATS)}")
-    return fmt
-
-
-def _encode(mask: np.ndarray, fmt: str, path: Path) -> bytes:
-    if fmt == "png":
-        from PIL import Image
-
-        buf = _bytes_io.BytesIO()
-        Image.fromarray(mask, mode=None).save(buf, format="PNG", optimize=True)
-        return buf.getvalue()
-    if fmt == "tiff":
-        import tifffile
-
-        buf = _bytes_io.BytesIO()
-        tifffile.imwrite(buf, mask, compression="zlib", photometric="minisblack")
-        return buf.getvalue()
-    import nibabel as nib  # nifti
-
-    img = nib.Nifti1Image(np.ascontiguousarray(mask.T), affine=np.eye(4))  # (W, H) = (x, y)
-    img.header.set_data_dtype(np.uint8)
-    data = img.to_bytes()
-    if path.name.lower().endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    return data
-
-
-def _write_zarr_dir(path: Path, mask: np.ndarray) -> None:
-    import zarr
-
-    tmp = _tmp_sibling(path)
-    try:
-        chunks = (min(mask.shape[0], 1024), min(mask.shape[1], 1024))
-        arr = zarr.create_array(str(tmp), shape=mask.shape, dtype="uint8", chunks=chunks,
-                                fill_value=0)
-        arr[...] = mask
-        if path.exists():
-            old = _tmp_sibling(path, "old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    found = formats.from_name(fmt)
+    if found is None or found.name not in writable:
+        raise ValueError(f"unknown mask format {fmt!r}; expected one of {', '.join(writable)}")
+    return found.name
 
 
 def write_rgb(path: str | os.PathLike, image: np.ndarray, fmt: str | None = None) -> Path:
@@ -591,7 +311,7 @@ def write_rgb(path: str | os.PathLike, image: np.ndarray, fmt: str | None = None
     Args:
         path: destination (its folder must exist).
         image: (H, W, 3) uint8.
-        fmt: ``png`` or ``tiff``; None = from the suffix.
+        fmt: a format that ``writes_rgb`` (``png``, ``tiff``); None = from the suffix.
 
     Returns:
         The path written.
@@ -601,20 +321,13 @@ def write_rgb(path: str | os.PathLike, image: np.ndarray, fmt: str | None = None
     image = np.ascontiguousarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or image.size == 0:
         raise ValueError(f"an RGB image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    if fmt not in ("png", "tiff"):
-        raise InputError(path, f"RGB images are written as png or tiff, not {fmt}")
+    record = formats.FORMATS[fmt]
+    if not record.writes_rgb:
+        rgb = " or ".join(n for n, f in formats.mask_formats().items() if f.writes_rgb)
+        raise InputError(path, f"RGB images are written as {rgb}, not {fmt}")
     if not path.parent.is_dir():
         raise InputError(path.parent, "output folder does not exist")
-    buf = _bytes_io.BytesIO()
-    if fmt == "png":
-        from PIL import Image
-
-        Image.fromarray(image).save(buf, format="PNG", optimize=True)
-    else:
-        import tifffile
-
-        tifffile.imwrite(buf, image, compression="zlib", photometric="rgb")
-    atomic_write_bytes(path, buf.getvalue())
+    record.write(path, image)
     return path
 
 
@@ -625,8 +338,9 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, fmt: str | None = None
         path: destination (its folder must exist). File formats are replaced atomically; a
             zarr folder is built beside it and swapped in with two renames.
         mask: ``(H, W)`` integer array with values 0..255.
-        fmt: ``png``, ``tiff``, ``nifti`` or ``zarr``; None = from the suffix
-            (``.png``, ``.tif``/``.tiff``, ``.nii``/``.nii.gz``, ``.zarr``).
+        fmt: ``png``, ``tiff``, ``nifti`` or ``zarr`` (any format of the registry with a
+            writer); None = from the suffix (``.png``, ``.tif``/``.tiff``,
+            ``.nii``/``.nii.gz``, ``.zarr``).
 
     Returns:
         The path written.
@@ -643,8 +357,5 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, fmt: str | None = None
     mask = np.ascontiguousarray(mask)
     if not path.parent.is_dir():
         raise InputError(path.parent, "output folder does not exist")
-    if fmt == "zarr":
-        _write_zarr_dir(path, mask)
-    else:
-        atomic_write_bytes(path, _encode(mask, fmt, path))
+    formats.FORMATS[fmt].write(path, mask)
     return path

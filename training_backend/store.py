@@ -12,246 +12,50 @@ A project holds clinicians' work, so every write is atomic and versioned:
 Opening a project reads the JSON indexes only; images stay on disk until asked for (lazily, as
 zarr arrays).
 
+`Project` is the one public face; it delegates by topic to:
+
+* ``records.py`` — the records (`CaseRecord`, `AnnotationVersion`, `Outputs`, ...);
+* ``labels.py`` — label semantics (`BACKGROUND`, `mask_to_target`, `count_supervision`, presence);
+* ``store_index.py`` — the JSON indexes, the lock and atomic array placement (`ProjectFiles`);
+* ``store_outputs.py`` — model outputs and model records (`OutputStore`);
+* ``atomic.py`` — atomic file writes (shared with ``io``, ``export`` and the checkpoints).
+
+Everything that used to be imported from here still is (``from training_backend.store import
+Project, BACKGROUND, CaseRecord, mask_to_target, ...``).
+
 Layout and label conventions: see ``docs/architecture.md``.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import shutil
-import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from training_backend.errors import InputError, ProjectError
+from training_backend.atomic import atomic_write_json
+from training_backend.errors import (ConflictError, InputError, LesionsegError, ProjectError,
+                                     ReadOnlyError)
+from training_backend.labels import (BACKGROUND, DEFAULT_NEGATIVE_NAMES, IGNORE, check_mask,
+                                     count_supervision, mask_to_target, presence_from)
+from training_backend.records import (ANNOTATION_KINDS, DEFAULT_COLORS, FORMAT, FORMAT_VERSION,
+                                      KEEP_OUTPUTS, SPLITS, AnnotationVersion, CaseRecord,
+                                      OutputRecord, Outputs, now_iso)
+from training_backend.store_index import ProjectFiles, read_json, write_array
+from training_backend.store_outputs import OutputStore
 
-FORMAT = "lesionseg-project"
-FORMAT_VERSION = 1
-#: Value of explicitly painted background in a ``sparse`` mask (0 there means "unlabelled").
-BACKGROUND = 255
-#: Value of ignored pixels in a training target.
-IGNORE = -1
-ANNOTATION_KINDS = ("full", "sparse")
-SPLITS = ("train", "holdout")
-#: Image classes that mean "no lesion of any class" unless the project says otherwise.
-DEFAULT_NEGATIVE_NAMES = ("normal", "healthy", "negative", "none", "no_dr", "no dr", "no lesion",
-                          "no_lesion", "lesion-free", "absent", "0")
-DEFAULT_COLORS = ("#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa",
-                  "#ff2d55", "#a2845e")
-#: Outputs kept per case (the newest ones); older ones are removed after a newer one is listed.
-KEEP_OUTPUTS = 2
-_TMP_MAX_AGE_S = 3600.0
+__all__ = [
+    "ANNOTATION_KINDS", "BACKGROUND", "DEFAULT_COLORS", "DEFAULT_NEGATIVE_NAMES", "FORMAT",
+    "FORMAT_VERSION", "IGNORE", "KEEP_OUTPUTS", "SPLITS", "AnnotationVersion", "CaseRecord",
+    "OutputRecord", "Outputs", "Project", "atomic_write_json", "mask_to_target", "now_iso",
+]
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-# --------------------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class AnnotationVersion:
-    """One saved annotation mask (immutable once listed)."""
-
-    version: int
-    kind: str
-    author: str
-    time: str
-    source: str
-    parent: int | None
-    key: str
-    labelled_fraction: float
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AnnotationVersion":
-        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class CaseRecord:
-    """What the index knows about one case (no pixel data)."""
-
-    id: str
-    name: str
-    source: str | None
-    shape: tuple[int, int]
-    channels: int
-    dtype: str
-    image_label: str | None = None
-    presence: dict[str, bool] | None = None
-    annotations: tuple[AnnotationVersion, ...] = ()
-    has_reference: bool = False
-    reference_label: str | None = None
-    reference_presence: dict[str, bool] | None = None
-    split: str = "train"
-    label_history: tuple[dict, ...] = ()
-    image_key: str = ""
-    reference_key: str | None = None
-
-    @property
-    def latest(self) -> AnnotationVersion | None:
-        return self.annotations[-1] if self.annotations else None
-
-    @property
-    def status(self) -> str:
-        """``full`` | ``sparse`` | ``image label`` | ``unlabelled`` (the best supervision it has)."""
-        if self.latest is not None:
-            return self.latest.kind
-        if self.image_label is not None or self.presence:
-            return "image label"
-        return "unlabelled"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CaseRecord":
-        return cls(
-            id=d["id"], name=d["name"], source=d.get("source"),
-            shape=tuple(d["shape"]), channels=int(d["channels"]), dtype=d["dtype"],
-            image_label=d.get("image_label"), presence=d.get("presence"),
-            annotations=tuple(AnnotationVersion.from_dict(a) for a in d.get("annotations", ())),
-            has_reference=bool(d.get("reference_key")) or d.get("reference_label") is not None
-            or bool(d.get("reference_presence")),
-            reference_label=d.get("reference_label"),
-            reference_presence=d.get("reference_presence"),
-            split=d.get("split", "train"),
-            label_history=tuple(d.get("label_history", ())),
-            image_key=d["image_key"], reference_key=d.get("reference_key"),
-        )
-
-
-@dataclass(frozen=True)
-class OutputRecord:
-    """Metadata of the latest model outputs of a case (no arrays)."""
-
-    case_id: str
-    output_id: str
-    model_id: str
-    time: str
-    key: str
-    scores: dict
-    has_features: bool
-    older: tuple[str, ...] = ()
-
-
-@dataclass
-class Outputs:
-    """Model outputs of one case, at the image's size."""
-
-    case_id: str
-    output_id: str
-    model_id: str
-    time: str
-    pred: np.ndarray              # (H, W) uint8 class map
-    prob: np.ndarray              # (K+1, H, W) float16
-    cam: np.ndarray               # (K, H, W) float16 in [0, 1]
-    uncertainty: np.ndarray       # (H, W) float16
-    scores: dict = field(default_factory=dict)
-    features: np.ndarray | None = None
-
-
-# --------------------------------------------------------------------------------------- helpers
-def mask_to_target(mask: np.ndarray, kind: str) -> np.ndarray:
-    """Convert a stored mask into a training target (int64; -1 ignore, 0 bg, k class k).
-
-    Args:
-        mask: (H, W) uint8 mask as stored.
-        kind: ``"full"`` or ``"sparse"``.
-    """
-    target = mask.astype(np.int64)
-    if kind == "sparse":
-        target[mask == 0] = IGNORE
-        target[mask == BACKGROUND] = 0
-    elif kind == "full":
-        target[mask == BACKGROUND] = 0
-    else:
-        raise ValueError(f"unknown annotation kind {kind!r}")
-    return target
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON so that ``path`` holds either the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ProjectError(f"{path}: corrupt JSON ({exc.msg} at line {exc.lineno})") from None
-
-
-def _write_array(folder: Path, data: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
-    """Write ``data`` as a standalone zarr v3 array in a new folder (fsynced)."""
-    if chunks is None:
-        chunks = tuple(min(s, 512) if i < 2 else s for i, s in enumerate(data.shape))
-        if data.ndim == 3 and data.shape[0] <= 16 and data.shape[-1] > 16:  # (C, H, W) maps
-            chunks = (1,) + tuple(min(s, 512) for s in data.shape[1:])
-    arr = zarr.create_array(store=LocalStore(str(folder)), shape=data.shape, dtype=data.dtype,
-                            chunks=chunks, fill_value=0, overwrite=True)
-    arr[...] = data
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-
-
-def _check_mask(mask: np.ndarray, shape: tuple[int, int], n_classes: int, kind: str,
-                what: str) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise InputError(what, f"mask must be 2-D (H, W), got shape {mask.shape}")
-    if tuple(mask.shape) != tuple(shape):
-        raise InputError(what, f"mask size {mask.shape[1]}x{mask.shape[0]} does not match the "
-                               f"image size {shape[1]}x{shape[0]}")
-    if not np.issubdtype(mask.dtype, np.integer) and mask.dtype != bool:
-        if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)):
-            raise InputError(what, "mask holds non-integer values")
-    values = np.unique(mask)
-    allowed = set(range(n_classes + 1)) | {BACKGROUND}
-    bad = [int(v) for v in values if int(v) not in allowed]
-    if bad:
-        raise InputError(what, f"mask values {bad[:5]} are not classes 0..{n_classes}"
-                               f" (or {BACKGROUND} = painted background)")
-    out = mask.astype(np.uint8)
-    if kind == "full":
-        out[out == BACKGROUND] = 0
-    return out
-
-
-# --------------------------------------------------------------------------------------- project
 class Project:
     """A lesionseg project folder. Open with :meth:`open`, make one with :meth:`create`."""
 
@@ -259,14 +63,8 @@ class Project:
         self.path = Path(path)
         self._meta = meta
         self.mode = mode
-        self._index: dict = {"version": FORMAT_VERSION, "cases": {}, "order": []}
-        self._outputs: dict = {"version": FORMAT_VERSION, "models": {}, "cases": {}}
-        self._index_stamp: tuple | None = None
-        self._outputs_stamp: tuple | None = None
-        self._lock_fh = None
-        self._batch_flush: float | None = None
-        self._batch_every = 2.0
-        self.refresh()
+        self._files = ProjectFiles(self.path, mode)
+        self._out = OutputStore(self._files, self.case, len(self.classes))
 
     # ---- creation / opening
     @classmethod
@@ -330,15 +128,20 @@ class Project:
             raise ProjectError(f"{path}: no such project folder")
         if not meta_path.is_file():
             raise ProjectError(f"{path}: not a lesionseg project (no project.json)")
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path)
         if meta.get("format") != FORMAT:
             raise ProjectError(f"{meta_path}: not a lesionseg project file")
+        _check_meta(meta, meta_path)
         if int(meta.get("version", 0)) > FORMAT_VERSION:
             raise ProjectError(f"{meta_path}: project format {meta['version']} is newer than this "
                                f"lesionseg understands ({FORMAT_VERSION}); please upgrade")
+        if mode == "r+" and not all(os.access(p, os.W_OK) for p in (
+                path, path / "index.json", path / "store.zarr") if p.exists()):
+            raise ReadOnlyError(f"{path}: the project folder is read-only: open it read-only "
+                                f"to look at it without saving")
         project = cls(path, meta, mode)
         if mode == "r+":
-            project._clean_stale_tmp()
+            project._files.clean_stale_tmp()
         return project
 
     @staticmethod
@@ -373,13 +176,13 @@ class Project:
     def update_meta(self, **changes) -> None:
         """Change project metadata (``name``, ``colors``, ``image_classes`` (append only),
         ``negative_classes``). Lesion classes cannot be renumbered once masks exist."""
-        self._require_writable()
+        self._files.require_writable()
         allowed = {"name", "colors", "image_classes", "negative_classes"}
         unknown = set(changes) - allowed
         if unknown:
             raise ProjectError(f"{self.path}: cannot change {sorted(unknown)}")
-        with self._locked():
-            meta = _read_json(self.path / "project.json")
+        with self._files.locked():
+            meta = read_json(self.path / "project.json")
             if "image_classes" in changes:
                 new = [str(c) for c in changes["image_classes"]]
                 if new[:len(meta["image_classes"])] != meta["image_classes"]:
@@ -391,23 +194,7 @@ class Project:
             atomic_write_json(self.path / "project.json", meta)
             self._meta = meta
 
-    # ---- locking and index I/O
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive project lock (``fcntl.flock``), reentrant within this object."""
-        if self._lock_fh is not None:
-            yield
-            return
-        fh = open(self.path / ".lock", "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            self._lock_fh = fh
-            yield
-        finally:
-            self._lock_fh = None
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            fh.close()
-
+    # ---- the indexes (see store_index.ProjectFiles)
     @contextlib.contextmanager
     def batch(self, flush_every_s: float = 2.0) -> Iterator["Project"]:
         """Group many changes (e.g. an import) into few index writes.
@@ -416,115 +203,22 @@ class Project:
         flushes the lock is released briefly so that other writers (the GUI) get their turn.
         A crash loses at most the unflushed cases (their arrays stay unlisted, as garbage).
         """
-        self._require_writable()
-        if self._batch_flush is not None:
+        with self._files.batch(flush_every_s):
             yield self
-            return
-        self._batch_flush = time.monotonic()
-        self._batch_every = flush_every_s
-        try:
-            with self._locked():
-                self.refresh()
-                try:
-                    yield self
-                finally:
-                    self._write_index()
-        finally:
-            self._batch_flush = None
 
-    def _write_index(self) -> None:
-        atomic_write_json(self.path / "index.json", self._index)
-        self._index_stamp = self._stamp(self.path / "index.json")
-
-    def _maybe_flush_batch(self) -> None:
-        if self._batch_flush is None or time.monotonic() - self._batch_flush < self._batch_every:
-            return
-        self._write_index()
-        fh = self._lock_fh
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)  # let other writers in, then take it back
-        time.sleep(0.01)
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        self.refresh()
-        self._batch_flush = time.monotonic()
-
-    @staticmethod
-    def _stamp(path: Path) -> tuple | None:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def together(self) -> contextlib.AbstractContextManager:
+        """Inside `batch`: the changes made in this block reach the index in one write (an
+        imported case and its mask: a crash never leaves the case without its mask). Outside
+        `batch` it does nothing."""
+        return self._files.held()
 
     def refresh(self) -> bool:
         """Re-read the indexes if another process changed them. Returns True if anything changed."""
-        changed = False
-        for attr, fname in (("_index", "index.json"), ("_outputs", "outputs.json")):
-            p = self.path / fname
-            stamp = self._stamp(p)
-            if stamp is not None and stamp != getattr(self, f"{attr}_stamp"):
-                setattr(self, attr, _read_json(p))
-                setattr(self, f"{attr}_stamp", stamp)
-                changed = True
-        return changed
+        return self._files.refresh()
 
-    def _mutate_index(self):
-        """Context manager: lock, reload, yield the index dict, write it back atomically."""
-        project = self
-
-        @contextlib.contextmanager
-        def cm():
-            project._require_writable()
-            if project._batch_flush is not None:  # inside batch(): lock held, flush later
-                yield project._index
-                project._maybe_flush_batch()
-                return
-            with project._locked():
-                project.refresh()
-                yield project._index
-                project._write_index()
-        return cm()
-
-    def _mutate_outputs(self):
-        project = self
-
-        @contextlib.contextmanager
-        def cm():
-            project._require_writable()
-            with project._locked():
-                project.refresh()
-                yield project._outputs
-                atomic_write_json(project.path / "outputs.json", project._outputs)
-                project._outputs_stamp = project._stamp(project.path / "outputs.json")
-        return cm()
-
-    def _require_writable(self) -> None:
-        if self.mode != "r+":
-            raise ProjectError(f"{self.path}: project was opened read-only")
-
-    def _tmp_folder(self) -> Path:
-        tmp = self.zarr_path / ".tmp"
-        tmp.mkdir(exist_ok=True)
-        return tmp / f"{uuid.uuid4().hex}"
-
-    def _clean_stale_tmp(self) -> None:
-        tmp = self.zarr_path / ".tmp"
-        if not tmp.is_dir():
-            return
-        cutoff = time.time() - _TMP_MAX_AGE_S
-        for entry in tmp.iterdir():
-            with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
-                    shutil.rmtree(entry, ignore_errors=True)
-
-    def _place(self, tmp: Path, key: str) -> None:
-        """Atomically move a finished temporary array folder to its key."""
-        final = self.zarr_path / key
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-
-    def _open_array(self, key: str) -> zarr.Array:
-        return zarr.open_array(store=LocalStore(str(self.zarr_path / key), read_only=True), mode="r")
+    @property
+    def _index(self) -> dict:
+        return self._files.index
 
     # ---- cases
     def case_ids(self) -> list[str]:
@@ -562,35 +256,22 @@ class Project:
             split: ``"train"`` or ``"holdout"`` (never used for training).
         """
         what = source or name
-        image = np.asarray(image)
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
-            raise InputError(what, f"image must be (H, W) grey or (H, W, 3) RGB, got shape {image.shape}")
-        if image.shape[0] < 2 or image.shape[1] < 2:
-            raise InputError(what, f"image is too small ({image.shape[1]}x{image.shape[0]})")
-        if image.dtype == bool:
-            image = image.astype(np.uint8)
-        if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
-            raise InputError(what, f"unsupported pixel type {image.dtype}")
-        if np.issubdtype(image.dtype, np.floating):
-            if not np.all(np.isfinite(image)):
-                raise InputError(what, "image contains NaN or infinite values")
-            image = image.astype(np.float32)
+        image = _check_image(np.asarray(image), what)
         self._check_labels(what, image_label, presence)
         if split not in SPLITS:
             raise InputError(what, f"split must be one of {SPLITS}, got {split!r}")
-        self._require_writable()
-        tmp = self._tmp_folder()
-        _write_array(tmp, image)
-        with self._mutate_index() as index:
+        files = self._files
+        files.require_writable()
+        tmp = files.tmp_folder()
+        write_array(tmp, image)
+        with files.mutate_index() as index:
             cid = f"c{len(index['order']) + 1:06d}"
             while cid in index["cases"]:  # never reuse an id
                 cid = f"c{int(cid[1:]) + 1:06d}"
             key = f"images/{cid}"
             if (self.zarr_path / key).exists():  # left by a crashed add; not in the index
-                shutil.move(str(self.zarr_path / key), str(self._tmp_folder()))
-            self._place(tmp, key)
+                shutil.move(str(self.zarr_path / key), str(files.tmp_folder()))
+            files.place(tmp, key)
             index["cases"][cid] = {
                 "id": cid, "name": str(name), "source": None if source is None else str(source),
                 "shape": [int(image.shape[0]), int(image.shape[1])],
@@ -612,22 +293,20 @@ class Project:
         Args:
             cid: the case id `add_case` returned.
         """
-        with self._mutate_index() as index:
+        with self._files.mutate_index() as index:
             rec = index["cases"].get(cid)
             if rec is None:
                 raise ProjectError(f"{self.path}: no case {cid!r}")
-            if rec["annotations"] or rec["reference_key"] or rec["label_history"] or cid in self._outputs.get("cases", {}):
+            if rec["annotations"] or rec["reference_key"] or rec["label_history"] or cid in self._files.outputs.get("cases", {}):
                 raise ProjectError(f"{self.path}: case {cid} has annotations or outputs; not discarded")
-            image = self.zarr_path / rec["image_key"]
+            image_key = rec["image_key"]
             del index["cases"][cid]
             index["order"].remove(cid)
-        if image.exists():
-            with contextlib.suppress(OSError):
-                shutil.move(str(image), str(self._tmp_folder()))
+        self._files.discard(image_key)
 
     def image(self, cid: str) -> zarr.Array:
         """The image as a lazy zarr array ((H, W) or (H, W, 3))."""
-        return self._open_array(self.case(cid).image_key)
+        return self._files.open_array(self.case(cid).image_key)
 
     def read_image(self, cid: str) -> np.ndarray:
         return self.image(cid)[...]
@@ -648,7 +327,7 @@ class Project:
         """Set the image-level label and/or per-class presence; the previous one goes to history."""
         self._check_labels(cid, image_label, presence)
         presence = None if presence is None else {k: bool(v) for k, v in presence.items()}
-        with self._mutate_index() as index:
+        with self._files.mutate_index() as index:
             rec = self._case_dict(index, cid)
             if rec.get("image_label") == image_label and rec.get("presence") == presence:
                 return self.case(cid)
@@ -668,13 +347,14 @@ class Project:
     def set_split(self, cids: Iterable[str], split: str) -> None:
         if split not in SPLITS:
             raise ProjectError(f"split must be one of {SPLITS}, got {split!r}")
-        with self._mutate_index() as index:
+        with self._files.mutate_index() as index:
             for cid in cids:
                 self._case_dict(index, cid)["split"] = split
 
     # ---- annotations
     def save_annotation(self, cid: str, mask: np.ndarray, kind: str, author: str = "user",
-                        source: str = "manual", parent: int | None = None) -> AnnotationVersion:
+                        source: str = "manual", parent: int | None = None,
+                        check_latest: bool = False) -> AnnotationVersion:
         """Save a mask as a new annotation version (never overwrites an earlier version).
 
         Args:
@@ -684,28 +364,74 @@ class Project:
             author: user name or ``model:<id>``.
             source: where it came from (``manual``, ``import:<path>``, ``prediction:<output id>``).
             parent: version this one was edited from (default: the latest).
+            check_latest: refuse (`ConflictError`, nothing saved) when ``parent`` is no longer
+                the latest version: another window or process saved this case meanwhile, and
+                this edit was made on an older view of it.
+
+        Raises:
+            ConflictError: with ``check_latest``, a newer version was saved meanwhile.
+            ProjectError: the disk refused the write (full, read-only); nothing was changed.
         """
         if kind not in ANNOTATION_KINDS:
             raise InputError(cid, f"annotation kind must be one of {ANNOTATION_KINDS}, got {kind!r}")
         rec = self.case(cid)
-        mask = _check_mask(mask, rec.shape, len(self.classes), kind, f"{rec.name} ({cid})")
+        mask = check_mask(mask, rec.shape, len(self.classes), kind, f"{rec.name} ({cid})")
         labelled = 1.0 if kind == "full" else float(np.count_nonzero(mask)) / mask.size
-        self._require_writable()
-        tmp = self._tmp_folder()
-        _write_array(tmp, mask)
-        with self._mutate_index() as index:
+        files = self._files
+        files.require_writable()
+        tmp = self._write_tmp(mask, f"the annotation of {rec.name} ({cid})")
+        with self._saving(tmp, f"the annotation of {rec.name} ({cid})"), \
+                files.mutate_index() as index:
             entry = self._case_dict(index, cid)
             history = entry.setdefault("annotations", [])
             version = (history[-1]["version"] + 1) if history else 1
+            latest = history[-1]["version"] if history else None
+            if check_latest and parent != latest:
+                newest = history[-1] if history else {}
+                raise ConflictError(
+                    f"{rec.name} ({cid}): v{latest} was saved meanwhile by "
+                    f"{newest.get('author', '?')} at {newest.get('time', '?')}; this edit of "
+                    f"{'v' + str(parent) if parent else 'the unannotated case'} was not saved")
             if parent is None and history:
                 parent = history[-1]["version"]
             key = f"annotations/{cid}/v{version:04d}-{uuid.uuid4().hex[:8]}"
-            self._place(tmp, key)
+            files.place(tmp, key)
             av = AnnotationVersion(version=version, kind=kind, author=author, time=now_iso(),
                                    source=source, parent=parent, key=key,
                                    labelled_fraction=round(labelled, 6))
             history.append(av.to_dict())
         return av
+
+    def _write_tmp(self, data: np.ndarray, what: str) -> Path:
+        """Write an array to a fresh temporary folder; a full or read-only disk raises
+        `ProjectError` (the partial folder removed, the project unchanged)."""
+        tmp = self._files.tmp_folder() if self.mode == "r+" else None
+        try:
+            if tmp is None:
+                self._files.require_writable()
+            write_array(tmp, data)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ProjectError(f"{self.path}: could not save {what}: "
+                               f"{exc.strerror or exc}; nothing was changed") from None
+        return tmp
+
+    @contextlib.contextmanager
+    def _saving(self, tmp: Path, what: str) -> Iterator[None]:
+        """Around placing ``tmp`` and listing it: any failure removes the temporary folder;
+        a disk error becomes a one-line `ProjectError` (earlier versions stay listed)."""
+        try:
+            yield
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._files.forget_stamps()
+            with contextlib.suppress(LesionsegError, OSError):
+                self._files.refresh()  # the memory copy must not list what the disk lacks
+            raise ProjectError(f"{self.path}: could not save {what}: "
+                               f"{exc.strerror or exc}; nothing was changed") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def read_annotation(self, cid: str, version: int | None = None
                         ) -> tuple[np.ndarray, AnnotationVersion] | None:
@@ -720,7 +446,7 @@ class Project:
             if not matches:
                 raise ProjectError(f"{self.path}: case {cid} has no annotation version {version}")
             av = matches[0]
-        return self._open_array(av.key)[...], av
+        return self._files.open_array(av.key)[...], av
 
     def revert_annotation(self, cid: str, author: str = "user") -> AnnotationVersion | None:
         """Undo the latest save: the previous version is saved again as a new version (a trace of
@@ -748,16 +474,17 @@ class Project:
         """Store hidden reference data for evaluation; training never reads it."""
         rec = self.case(cid)
         self._check_labels(f"{rec.name} ({cid})", image_label, presence)
+        files = self._files
         tmp = None
         if mask is not None:
-            mask = _check_mask(mask, rec.shape, len(self.classes), "full", f"{rec.name} ({cid})")
-            tmp = self._tmp_folder()
-            _write_array(tmp, mask)
-        with self._mutate_index() as index:
+            mask = check_mask(mask, rec.shape, len(self.classes), "full", f"{rec.name} ({cid})")
+            tmp = files.tmp_folder()
+            write_array(tmp, mask)
+        with files.mutate_index() as index:
             entry = self._case_dict(index, cid)
             if tmp is not None:
                 key = f"reference/{cid}-{uuid.uuid4().hex[:8]}"
-                self._place(tmp, key)
+                files.place(tmp, key)
                 entry["reference_key"] = key
                 if presence is None:
                     presence = {c: bool(np.any(mask == i + 1)) for i, c in enumerate(self.classes)}
@@ -768,135 +495,51 @@ class Project:
 
     def read_reference(self, cid: str) -> np.ndarray | None:
         rec = self.case(cid)
-        return None if rec.reference_key is None else self._open_array(rec.reference_key)[...]
+        return None if rec.reference_key is None else self._files.open_array(rec.reference_key)[...]
 
-    # ---- weak targets
+    # ---- weak targets (see labels.py)
     def is_negative(self, image_label: str | None) -> bool:
         return image_label is not None and image_label in self.negative_classes
 
     def presence_target(self, record: CaseRecord) -> list[int]:
         """Per lesion class: 1 present, 0 absent, -1 unknown, from what the user gave."""
-        k = len(self.classes)
-        target = [-1] * k
-        if record.latest is not None and record.latest.kind == "full":
-            mask, _ = self.read_annotation(record.id)
-            present = set(int(v) for v in np.unique(mask))
-            target = [1 if i + 1 in present else 0 for i in range(k)]
-        elif record.latest is not None:  # sparse: painted lesion pixels prove presence
-            mask, _ = self.read_annotation(record.id)
-            present = set(int(v) for v in np.unique(mask))
-            target = [1 if i + 1 in present else -1 for i in range(k)]
-        if self.is_negative(record.image_label):
-            target = [0] * k
-        elif record.image_label is not None and k == 1 and target[0] == -1:
-            target = [1]
-        for i, c in enumerate(self.classes):
-            if record.presence and c in record.presence:
-                target[i] = int(bool(record.presence[c]))
-        return target
+        found = self.read_annotation(record.id) if record.latest is not None else None
+        mask = None if found is None else found[0]
+        return presence_from(record, mask, self.classes, self.negative_classes)
 
-    # ---- model outputs
+    # ---- model outputs (see store_outputs.OutputStore)
     def write_outputs(self, cid: str, model_id: str, pred: np.ndarray, prob: np.ndarray,
                       cam: np.ndarray, uncertainty: np.ndarray, scores: dict,
                       features: np.ndarray | None = None) -> str:
         """Store model outputs for a case (arrays at the image size); returns the output id."""
-        rec = self.case(cid)
-        h, w = rec.shape
-        k = len(self.classes)
-        shapes = {"pred": (pred, (h, w)), "prob": (prob, (k + 1, h, w)), "cam": (cam, (k, h, w)),
-                  "uncertainty": (uncertainty, (h, w))}
-        for name, (arr, shape) in shapes.items():
-            if tuple(np.shape(arr)) != shape:
-                raise ValueError(f"outputs for {cid}: {name} has shape {np.shape(arr)}, expected {shape}")
-        self._require_writable()
-        output_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        tmp = self._tmp_folder()
-        tmp.mkdir()
-        _write_array(tmp / "pred", np.asarray(pred, dtype=np.uint8))
-        _write_array(tmp / "prob", np.asarray(prob, dtype=np.float16))
-        _write_array(tmp / "cam", np.clip(np.asarray(cam, dtype=np.float32), 0, 1).astype(np.float16))
-        _write_array(tmp / "uncertainty", np.asarray(uncertainty, dtype=np.float16))
-        if features is not None:
-            _write_array(tmp / "features", np.asarray(features, dtype=np.float32).ravel())
-        key = f"outputs/{cid}/{output_id}"
-        removed: list[str] = []
-        with self._mutate_outputs() as outputs:
-            self._place(tmp, key)
-            prev = outputs["cases"].get(cid)
-            history = ([prev["key"]] + list(prev.get("older", []))) if prev else []
-            outputs["cases"][cid] = {
-                "case_id": cid, "output_id": output_id, "model_id": model_id, "time": now_iso(),
-                "key": key, "scores": _jsonable(scores), "has_features": features is not None,
-                "older": history[:KEEP_OUTPUTS - 1],
-            }
-            removed = history[KEEP_OUTPUTS - 1:]
-        for old in removed:
-            shutil.rmtree(self.zarr_path / old, ignore_errors=True)
-        return output_id
+        return self._out.write(cid, model_id, pred, prob, cam, uncertainty, scores, features)
 
     def output_record(self, cid: str) -> OutputRecord | None:
-        d = self._outputs["cases"].get(cid)
-        if d is None:
-            return None
-        return OutputRecord(case_id=cid, output_id=d["output_id"], model_id=d["model_id"],
-                            time=d["time"], key=d["key"], scores=dict(d.get("scores", {})),
-                            has_features=bool(d.get("has_features")), older=tuple(d.get("older", ())))
+        return self._out.record(cid)
 
     def read_outputs(self, cid: str) -> Outputs | None:
-        rec = self.output_record(cid)
-        if rec is None:
-            return None
-        base = rec.key
-
-        def load(name):
-            return self._open_array(f"{base}/{name}")[...]
-
-        return Outputs(case_id=cid, output_id=rec.output_id, model_id=rec.model_id, time=rec.time,
-                       pred=load("pred"), prob=load("prob"), cam=load("cam"),
-                       uncertainty=load("uncertainty"), scores=rec.scores,
-                       features=load("features") if rec.has_features else None)
+        return self._out.read(cid)
 
     def read_features(self, cid: str) -> np.ndarray | None:
         """Only the pooled feature vector of the latest outputs (cheap; for diversity sampling)."""
-        rec = self.output_record(cid)
-        if rec is None or not rec.has_features:
-            return None
-        return self._open_array(f"{rec.key}/features")[...]
+        return self._out.features(cid)
 
     def register_model(self, model_id: str, info: dict) -> None:
         """Record a trained model (method, checkpoint path, metrics, ...)."""
-        with self._mutate_outputs() as outputs:
-            entry = outputs["models"].setdefault(model_id, {"created": now_iso()})
-            entry.update(_jsonable(info))
-            entry["updated"] = now_iso()
+        self._out.register_model(model_id, info)
 
     def models(self) -> dict[str, dict]:
-        return {k: dict(v) for k, v in self._outputs["models"].items()}
+        return self._out.models()
 
     def latest_model(self) -> tuple[str, dict] | None:
-        models = self._outputs["models"]
-        if not models:
-            return None
-        mid = max(models, key=lambda m: models[m].get("updated", ""))
-        return mid, dict(models[mid])
+        return self._out.latest_model()
 
     # ---- summary
     def supervision_counts(self) -> dict[str, int]:
         """How many (training-split) cases have each kind of supervision (for method choice);
-        "maskless" counts the cases without a mask, whatever image label they have."""
-        counts = {"full": 0, "sparse": 0, "image_label": 0, "unlabelled": 0, "maskless": 0}
-        for rec in self.cases():
-            if rec.split == "holdout":
-                continue
-            if rec.latest is not None:
-                counts[rec.latest.kind] += 1
-            if rec.latest is None or rec.latest.labelled_fraction <= 0:  # as the trainer counts
-                counts["maskless"] += 1
-            if rec.image_label is not None or rec.presence:
-                counts["image_label"] += 1
-            if rec.latest is None and rec.image_label is None and not rec.presence:
-                counts["unlabelled"] += 1
-        return counts
+        the same count the trainer makes (`labels.count_supervision`): a case whose latest mask
+        is empty counts as maskless."""
+        return count_supervision(r for r in self.cases() if r.split != "holdout")
 
     def summary(self) -> dict:
         """Counts for ``lesionseg info``."""
@@ -908,6 +551,7 @@ class Project:
         status: dict[str, int] = {}
         for r in recs:
             status[r.status] = status.get(r.status, 0) + 1
+        outputs = self._files.outputs
         return {
             "project": str(self.path), "name": self.name, "classes": self.classes,
             "image_classes": self.image_classes, "cases": len(recs),
@@ -919,21 +563,43 @@ class Project:
             "references": sum(1 for r in recs if r.reference_key),
             "reference_labels": sum(1 for r in recs if r.reference_label is not None),
             "holdout": sum(1 for r in recs if r.split == "holdout"),
-            "predictions": len(self._outputs["cases"]),
-            "models": len(self._outputs["models"]),
+            "predictions": len(outputs["cases"]),
+            "models": len(outputs["models"]),
         }
 
 
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays inside dicts/lists to plain JSON types."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
+def _check_meta(meta: dict, path: Path) -> None:
+    """`ProjectError` naming ``project.json`` when its fields are missing or of the wrong type."""
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ProjectError(f"{path}: corrupt project file ('classes' missing or not a list of names)")
+    for key in ("image_classes", "negative_classes"):
+        value = meta.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise ProjectError(f"{path}: corrupt project file ({key!r} is not a list of names)")
+    if not isinstance(meta.get("colors", {}), dict) or not isinstance(meta.get("name", ""), str):
+        raise ProjectError(f"{path}: corrupt project file ('colors' or 'name')")
+    try:
+        int(meta.get("version", 0))
+    except (TypeError, ValueError):
+        raise ProjectError(f"{path}: corrupt project file ('version')") from None
+    meta.setdefault("name", path.parent.name)
+
+
+def _check_image(image: np.ndarray, what: str) -> np.ndarray:
+    """A new case's image as stored: (H, W) or (H, W, 3), numeric, finite floats as float32."""
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
+        raise InputError(what, f"image must be (H, W) grey or (H, W, 3) RGB, got shape {image.shape}")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise InputError(what, f"image is too small ({image.shape[1]}x{image.shape[0]})")
+    if image.dtype == bool:
+        image = image.astype(np.uint8)
+    if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        raise InputError(what, f"unsupported pixel type {image.dtype}")
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.all(np.isfinite(image)):
+            raise InputError(what, "image contains NaN or infinite values")
+        image = image.astype(np.float32)
+    return image

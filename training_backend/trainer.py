@@ -10,6 +10,11 @@ hold tensors and plain Python values only, so they load with ``torch.load(..., w
 They are written to a temporary file and moved into place with ``os.replace``: a run killed at any
 moment leaves the previous checkpoint intact, and ``resume=True`` continues from it with the same
 step count, learning-rate schedule and random streams.
+
+Under ``torchrun`` the same loop runs in every process (`distributed`): rank 0 decides when to
+stop, checkpoints, validates, predicts and reports; the gradients are averaged every step. The
+events of rank 0 also go to ``P/runs/<model_id>/events.jsonl`` with a heartbeat and a stop
+request the loop polls (`runs`), so a window can follow and stop a run started elsewhere.
 """
 from __future__ import annotations
 
@@ -23,16 +28,18 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from training_backend import distributed, runs, trainlock
 from training_backend.data import Preprocessor, TrainingSet, build_training_set, project_channels
 from training_backend.errors import InputError, LesionsegError, ProjectError
 from training_backend.events import (CheckpointSaved, Event, Failed, Finished, Loss, PredictionProgress,
                                      PredictionsReady, Progress, RoundFinished, Started, Validation,
                                      ValidationFolded)
 from training_backend.checkpoints import (CHECKPOINT_FORMAT, latest_model_with_checkpoint, link_latest,
-                                          load_checkpoint, model_dir, new_model_id, resolve_device,
-                                          save_checkpoint)
+                                          load_checkpoint, model_dir, resolve_device, save_checkpoint)
 from training_backend.config import DEFAULT_BUDGET_S, KIND_WORDS, TrainConfig  # noqa: F401  (re-exported)
-from training_backend.store import Project, atomic_write_json, now_iso
+from training_backend.atomic import atomic_write_json
+from training_backend.records import now_iso
+from training_backend.store import Project
 
 #: Step checkpoints kept per model (plus ``latest.pt``).
 KEEP_CHECKPOINTS = 3
@@ -117,16 +124,23 @@ def run_training(project_path: str | os.PathLike, config: TrainConfig, resume: b
         resume: continue from ``latest.pt`` of that model (same step count, learning-rate
             schedule and random streams; a run killed mid-way ends at the requested total).
         cancel: polled every step; when it returns True the run stops gracefully (checkpoint,
-            model registered, no predictions) with ``Finished(reason="cancelled")``.
+            model registered, no predictions) with ``Finished(reason="cancelled")``. A stop
+            request in the project (`runs.request_stop`) does the same.
+
+    Under torchrun (``WORLD_SIZE`` > 1) only rank 0 yields the run's events; the other ranks
+    yield their last event only (``Finished`` without a checkpoint, or ``Failed``).
     """
     threads = torch.get_num_threads()
+    run = _Run(Path(project_path), config, resume, cancel)
     try:
-        yield from _Run(Path(project_path), config, resume, cancel).events()
+        for event in run.events():
+            yield from run.publish(event)
     except LesionsegError as exc:
-        yield Failed(str(exc), traceback.format_exc(), user_error=True)
+        yield from run.publish(Failed(str(exc), traceback.format_exc(), user_error=True))
     except Exception as exc:  # noqa: BLE001 - reported as an event, see docstring
-        yield Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        yield from run.publish(Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
+        run.close()
         torch.set_num_threads(threads)  # in-process callers keep their setting
 
 
@@ -163,26 +177,91 @@ class _Run:
         self.project_path = project_path
         self.given = config
         self.resume = resume
-        self.cancel = cancel or (lambda: False)
+        self._cancel = cancel or (lambda: False)
+        self.dist = distributed.DistContext()
+        self.log: runs.RunWriter | None = None    # rank 0's run record in the project
+        self.averager: distributed.GradientAverager | None = None
 
-    # ---- set-up
-    def _setup(self) -> None:
-        from training_backend.checkpoints import check_compatible, resolve_checkpoint
-        from training_backend.methods import METHODS, create_method
+    def cancel(self) -> bool:
+        """The caller's cancel flag or a stop request in the project (rank 0 decides)."""
+        return bool(self._cancel() or (self.log is not None and self.log.stop_requested()))
 
-        project = Project.open(self.project_path, mode="r+")
-        self.project = project
-        ckpt = None
+    def publish(self, event: Event) -> Iterator[Event]:
+        """Record ``event`` in the project's run log and pass it on (on rank 0; the other
+        ranks pass on their last event only)."""
+        if self.log is not None:
+            self.log.write(event)
+        elif isinstance(event, Failed) and self.dist.is_main \
+                and os.environ.get("RANK", "0") in ("", "0"):  # failed before the record began
+            runs.record_failure(self.project_path, self.given.model_id, event,
+                                self.dist.world_size)
+        if self.dist.is_main or isinstance(event, (Finished, Failed)):
+            yield event
+
+    def close(self) -> None:
+        """End the run record (heartbeat removed) and leave the process group."""
+        if self.log is not None:
+            self.log.close()
+        trainlock.release(getattr(self, "_train_lock", None))
+        self._train_lock = None
+        distributed.shutdown(self.dist)
+
+    # ---- which model
+    def _decide_model_id(self, project: Project) -> str:
+        """The model this run trains (rank 0 decides; raises for an impossible choice)."""
         cfg = self.given
         if self.resume:
             mid = cfg.model_id or latest_model_with_checkpoint(project.path)
             if mid is None:
                 raise ProjectError(f"{project.path}: no checkpoint to resume (train a model first)")
             mdir = model_dir(project.path, mid)
-            latest = mdir / "latest.pt"
-            if not latest.is_file():
+            if not (mdir / "latest.pt").is_file():
                 raise ProjectError(f"{mdir}: no checkpoint to resume (latest.pt missing)")
-            ckpt = load_checkpoint(latest)
+            return mid
+        if cfg.model_id is None:
+            return runs.new_model_id(project.path, cfg.method)
+        if (model_dir(project.path, cfg.model_id) / "latest.pt").exists():
+            raise ProjectError(f"{model_dir(project.path, cfg.model_id)}: model already exists "
+                               f"(use --resume to continue it, or another --model-id)")
+        return cfg.model_id
+
+    def _agreed_model_id(self, project: Project) -> str:
+        """`_decide_model_id` on rank 0, sent to every rank (an error ends every rank)."""
+        if not self.dist.enabled:
+            return self._decide_model_id(project)
+        decision: dict = {}
+        if self.dist.is_main:
+            try:
+                decision = {"model_id": self._decide_model_id(project)}
+            except LesionsegError as exc:
+                decision = {"error": str(exc)}
+        decision = distributed.broadcast_object(decision, self.dist)
+        if "error" in decision:
+            raise ProjectError(decision["error"])
+        return decision["model_id"]
+
+    # ---- set-up
+    def _setup(self) -> None:
+        from training_backend.checkpoints import check_compatible, resolve_checkpoint
+        from training_backend.methods import METHODS, create_method
+
+        ctx = distributed.env_context()
+        self.device = resolve_device(distributed.device_name(self.given.device, ctx))
+        self.dist = distributed.init(ctx, self.device)
+        main = self.dist.is_main
+        project = Project.open(self.project_path, mode="r+")
+        self.project = project
+        ckpt = None
+        cfg = self.given
+        mid = self._agreed_model_id(project)
+        if main:
+            # one run per project at a time (refused with a clear message); from here on,
+            # what happens is recorded in the project
+            self._train_lock = trainlock.acquire(project.path, mid)
+            self.log = runs.RunWriter(project.path, mid, self.dist.world_size, self.resume)
+        if self.resume:
+            mdir = model_dir(project.path, mid)
+            ckpt = load_checkpoint(mdir / "latest.pt")
             saved = ckpt["meta"]["config"]
             cfg_json = mdir / "config.json"
             if cfg_json.is_file():
@@ -192,18 +271,13 @@ class _Run:
                                          "checkpoint_every_s": self.given.checkpoint_every_s,
                                          "model_id": mid})
         else:
-            if cfg.model_id is None:
-                cfg = TrainConfig.from_dict({**cfg.to_dict(), "model_id": new_model_id(project.path, cfg.method)})
-            elif (model_dir(project.path, cfg.model_id) / "latest.pt").exists():
-                raise ProjectError(f"{model_dir(project.path, cfg.model_id)}: model already exists "
-                                   f"(use --resume to continue it, or another --model-id)")
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "model_id": mid})
         if cfg.method not in METHODS:
             create_method(cfg.method)  # raises the registry's error listing the valid names
         self.cfg = cfg
         self.model_id = cfg.model_id
         self.mdir = model_dir(project.path, self.model_id)
-        self.device = resolve_device(cfg.device)
-        torch.set_num_threads(int(cfg.threads or os.cpu_count() or 1))
+        torch.set_num_threads(int(cfg.threads or distributed.default_threads(self.dist)))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -231,7 +305,7 @@ class _Run:
         self.n_val_scored = int(saved_val.get("n", 0)) if self.folded else self.ts.n_val
         self.val_round = saved_val.get("round")
 
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.generator = torch.Generator().manual_seed(cfg.seed)
         k, n_img = len(project.classes), len(project.image_classes)
         self.method = create_method(cfg.method, in_channels=channels, n_classes=k,
@@ -246,7 +320,8 @@ class _Run:
             self.step = int(ckpt["step"])
             self.elapsed0 = float(ckpt["elapsed_s"])
             self.round = int(ckpt.get("round", 0))
-            _set_rng_state(ckpt["rng"], self.generator, self.device)
+            if main:  # other ranks' streams are re-derived below
+                _set_rng_state(ckpt["rng"], self.generator, self.device)
         elif init is not None:
             own = self.method.state_dict()
             usable = {k_: v for k_, v in init["model"].items() if k_ in own and own[k_].shape == v.shape}
@@ -255,10 +330,22 @@ class _Run:
                                                 f"{cfg.method!r} model")
             self.method.load_state_dict(usable, strict=False)
             self.method.start_new_run()
-        self.mdir.mkdir(parents=True, exist_ok=True)
-        for stale in self.mdir.glob(".*.tmp-*"):  # left by a run killed while saving
-            stale.unlink(missing_ok=True)
-        atomic_write_json(self.mdir / "config.json", cfg.to_dict())
+        if self.dist.enabled:
+            self._join_ranks()
+        if main:
+            self.mdir.mkdir(parents=True, exist_ok=True)
+            for stale in self.mdir.glob(".*.tmp-*"):  # left by a run killed while saving
+                stale.unlink(missing_ok=True)
+            atomic_write_json(self.mdir / "config.json", cfg.to_dict())
+
+    def _join_ranks(self) -> None:
+        """Rank 0's weights everywhere, a sampling stream of its own per rank (`distributed`)."""
+        distributed.broadcast_module(self.method, self.dist)
+        self.averager = distributed.GradientAverager(self.method.trainable_parameters(), self.dist)
+        if not self.dist.is_main:
+            seed = distributed.rank_seed(self.cfg.seed, self.dist.rank, self.step)
+            self.generator.manual_seed(seed)
+            torch.manual_seed(seed + 1)  # dropout and augmentation on the device
 
     def _snapshot(self) -> TrainingSet:
         """Re-read the store and rebuild the training tensors (cached preprocessing)."""
@@ -284,6 +371,7 @@ class _Run:
                 "n_image_classes": len(self.project.image_classes),
                 "classes": self.project.classes, "image_classes": self.project.image_classes,
                 "image_size": self.cfg.image_size, "config": self.cfg.to_dict(),
+                "world_size": self.dist.world_size,
                 "project": str(self.project.path), "time": now_iso()}
 
     def _save(self, elapsed: float) -> Path:
@@ -346,8 +434,9 @@ class _Run:
         total, budget = cfg.total_steps, cfg.budget
         warmup = min(50, max(1, (total or 500) // 10))
         unl_size = max(1, cfg.batch_size // 2) if self.supervision.unlabelled else 0
+        main = self.dist.is_main
         yield Started(self.model_id, cfg.method, str(self.device), self.ts.n_train, self.ts.n_val,
-                      total, budget, start_step=self.step)
+                      total, budget, start_step=self.step, world_size=self.dist.world_size)
 
         t0 = time.monotonic()
         paused = 0.0  # seconds spent predicting between rounds (not training time)
@@ -395,24 +484,29 @@ class _Run:
             last_report_step = self.step
 
         while True:
-            if total is not None and self.step >= total:
-                reason = "steps"
-            elif budget is not None and elapsed() >= budget:
-                reason = "budget"
-            elif self.cancel():
-                reason = "cancelled"
+            frac = 0.0
+            if main:  # rank 0 decides for every rank (distributed.control)
+                if total is not None and self.step >= total:
+                    reason = "steps"
+                elif budget is not None and elapsed() >= budget:
+                    reason = "budget"
+                elif self.cancel():
+                    reason = "cancelled"
+                frac = fraction()
+            reason, frac = distributed.control(self.dist, reason, frac, self.device)
             if reason:
                 break
-            frac = fraction()
             # round boundary: re-snapshot the store (new annotations join the training)
             if cfg.rounds > 1 and self.round < cfg.rounds - 1 and frac >= (self.round + 1) / cfg.rounds:
-                yield from report()
-                if self.ts.n_val and last_val_step != self.step:
-                    yield from validate()
-                yield RoundFinished(self.round + 1, self.ts.n_annotated, self.round_dice())
                 t_pause = time.monotonic()
-                if cfg.predict:
-                    yield from self._predict()
+                if main:  # the other ranks wait in the next step's control()
+                    yield from report()
+                    if self.ts.n_val and last_val_step != self.step:
+                        yield from validate()
+                    yield RoundFinished(self.round + 1, self.ts.n_annotated, self.round_dice())
+                    t_pause = time.monotonic()
+                    if cfg.predict:
+                        yield from self._predict()
                 self.round += 1
                 self.ts = self._snapshot()
                 paused += time.monotonic() - t_pause
@@ -420,7 +514,7 @@ class _Run:
             # the end of the run: the validation cases are trained on too (scored once before)
             if (not self.folded and cfg.fold_validation > 0 and self.ts.n_val
                     and frac >= 1.0 - cfg.fold_validation):
-                if last_val_step != self.step:
+                if main and last_val_step != self.step:
                     yield from validate()
                 n_val = self.ts.n_val
                 self.folded = True
@@ -434,6 +528,8 @@ class _Run:
             parts = method.training_step(batch, self.step, frac)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
+            if self.averager is not None:
+                self.averager()  # the mean gradient of all ranks' batches
             opt.step()
             method.after_step(self.step, frac)
             self.step += 1
@@ -442,6 +538,8 @@ class _Run:
                 acc[k_] = acc[k_] + v if k_ in acc else v
             n_acc += 1
 
+            if not main:
+                continue
             now = time.monotonic()
             if first_step or now - last_report >= REPORT_EVERY_S:
                 first_step = False
@@ -454,6 +552,9 @@ class _Run:
                 yield CheckpointSaved(self.step, str(path))
 
         # ---- the end
+        if not main:
+            yield Finished(self.model_id, self.step, reason)
+            return
         if n_acc or last_report_step != self.step:
             yield from report()
         if self.ts.n_val and last_val_step != self.step and reason != "cancelled":
