@@ -3,7 +3,7 @@
 Runs, each for the same wall-clock budget (default 300 s) on the same train/holdout split:
 
   baseline   plain MONAI BasicUNet (16-16-32-64-128, DiceCE, Adam 1e-3, batch 16, 128 px,
-             flips), all masks, in a bare torch loop (the bar to beat; `training_backend.peer`,
+             flips), all masks, in a bare torch loop (the bar to beat; `training_backend.learning.peer`,
              the same peer as `lesionseg simulate`'s)
   <m><p>     method <m> with full masks on <p> % of the training cases (the 5 % are a subset of
              the 10 %), image labels on those cases only, every other case unlabelled;
@@ -49,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training_backend.store import Project  # noqa: E402
+from training_backend.project.store import Project  # noqa: E402
 
 RUNS = ("baseline", "sup100", "sup10", "mt10", "cam")
 #: run-name prefix -> method
@@ -94,7 +94,7 @@ def _split(project: Project, seed: int = 0) -> tuple[list[str], list[str]]:
 
 def base_project(data: Path, out: Path) -> Path:
     """Import BUSI once with masks and labels as hidden reference; cached in ``out/base``."""
-    from training_backend.importer import import_csv
+    from training_backend.project.importer import import_csv
 
     base = out / "base"
     if Project.is_project(base):
@@ -152,9 +152,9 @@ def scenario_project(base: Path, out: Path, run: str, seed: int = 0,
 # ------------------------------------------------------------------------------ baseline (bare)
 def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, seed: int = 0,
                    batch_size: int = 16):
-    """The bar: the peer (`training_backend.peer`: a plain MONAI BasicUNet in a bare loop) on
+    """The bar: the peer (`training_backend.learning.peer`: a plain MONAI BasicUNet in a bare loop) on
     grey images; returns a predictor of one image and its steps."""
-    from training_backend.peer import train_peer
+    from training_backend.learning.peer import train_peer
 
     peer = train_peer(project_path, budget_s=budget_s, image_size=image_size, seed=seed,
                       batch_size=batch_size, channels=1)
@@ -165,7 +165,7 @@ def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, s
 # ------------------------------------------------------------------------------ ours
 def train_ours(project_path: Path, method: str, budget_s: float, **overrides) -> int:
     """Train with the product's trainer (no predictions); returns the steps taken."""
-    from training_backend.trainer import TrainConfig, run_training
+    from training_backend.learning.trainer import TrainConfig, run_training
 
     cfg = TrainConfig(method=method, budget_s=budget_s, predict=False, model_id=method, **overrides)
     steps = 0
@@ -186,7 +186,7 @@ def predict_ours(project_path: Path, model_id: str):
     Returns a function image -> (ungated class map, scores); gating one lesion class either
     keeps that map or empties it, so every gating rule can be scored from it.
     """
-    from training_backend.inference import gate_threshold, gate_uses_segmentation, load_model, predict_image
+    from training_backend.learning.inference import gate_threshold, gate_uses_segmentation, load_model, predict_image
 
     project = Project.open(project_path)
     method, cfg = load_model(project.path / "models" / model_id / "latest.pt")
@@ -206,7 +206,7 @@ def predict_ours(project_path: Path, model_id: str):
 
 def score(project_path: Path, predict, rules: dict) -> dict:
     """Holdout metrics of each gating rule: rule(scores) -> keep the lesion or not."""
-    from training_backend.metrics import case_metrics
+    from training_backend.learning.metrics import case_metrics
 
     project = Project.open(project_path)
     res = {name: {"dice": [], "iou": [], "hd95": [], "empty": []} for name in rules}
@@ -236,7 +236,7 @@ def score(project_path: Path, predict, rules: dict) -> dict:
                   "hd95": float(np.mean(r["hd95"])), "empty_rate": float(np.mean(r["empty"])),
                   "n_lesion": len(r["dice"]), "n_lesion_free": len(r["empty"])}
            for name, r in res.items()}
-    from training_backend.metrics import binary_auc
+    from training_backend.learning.metrics import binary_auc
 
     pres = [(c["presence"], c["lesion"]) for c in cases if c["presence"] is not None]
     in_lesion = [c["cam_in_lesion"] for c in cases if c["cam_in_lesion"] is not None]
@@ -284,7 +284,7 @@ def main() -> int:
         settings["lr"] = args.lr
     seeds = [int(v) for v in args.seeds.split(",")]
     data, out = Path(args.data), Path(args.out)
-    from training_backend.runtime import keep_freed_memory
+    from training_backend.learning.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the trainer process and the CLI do (bare and ours alike)
     if not (data / "labels.csv").is_file():

@@ -33,7 +33,7 @@ WARMUP_STEPS = 5
 def images_per_s(project: Path, model_id: str, nproc: int, batch_size: int) -> float:
     """Training images per second of a finished run, from its events."""
     from training_backend import events as ev
-    from training_backend import runs
+    from training_backend.jobs import runs
 
     progress = [e for e in runs.read_events(runs.run_dir(project, model_id) / runs.EVENTS_FILE)
                 if isinstance(e, ev.Progress) and e.step >= WARMUP_STEPS]
@@ -68,7 +68,7 @@ def main() -> int:
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
 
-    from training_backend.sample import create_sample_project
+    from training_backend.project.sample import create_sample_project
 
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "project"

@@ -115,7 +115,7 @@ def main() -> int:
 
     from napari_lesionseg._launch import open_workspace
     from napari_lesionseg._layers import ANNOTATION
-    from training_backend.sample import create_sample_project
+    from training_backend.project.sample import create_sample_project
 
     tmp = tempfile.TemporaryDirectory(prefix="lesionseg-benchgui-")
     project_path = Path(tmp.name) / "sample"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_busi import _value, parse_run, scenario_project, train_ours  # noqa: E402
-from training_backend.store import Project  # noqa: E402
+from training_backend.project.store import Project  # noqa: E402
 
 CLASSES = ("MA", "HE", "EX", "SE")
 HOLDOUT_FRACTION = 0.2
@@ -43,7 +43,7 @@ HOLDOUT_FRACTION = 0.2
 
 def base_project(data: Path, out: Path) -> Path:
     """Import IDRiD once, masks and presence flags as hidden reference; cached in ``out/base``."""
-    from training_backend.importer import import_csv
+    from training_backend.project.importer import import_csv
 
     base = out / "base"
     if Project.is_project(base):
@@ -79,8 +79,8 @@ def reveal_presence(project: Project, rec) -> None:
 
 def score(project_path: Path, model_id: str) -> dict:
     """Per-class holdout Dice (images holding the class), presence AUC, lesion-free empty rate."""
-    from training_backend.inference import load_model, predict_image
-    from training_backend.metrics import binary_auc, case_metrics
+    from training_backend.learning.inference import load_model, predict_image
+    from training_backend.learning.metrics import binary_auc, case_metrics
 
     project = Project.open(project_path)
     method, cfg = load_model(project.path / "models" / model_id / "latest.pt")
@@ -124,7 +124,7 @@ def main() -> int:
     settings = {"image_size": args.image_size,
                 **{k: _value(v) for k, v in (kv.split("=", 1) for kv in args.settings)}}
     data, out = Path(args.data), Path(args.out)
-    from training_backend.runtime import keep_freed_memory
+    from training_backend.learning.runtime import keep_freed_memory
 
     keep_freed_memory()
     if not (data / "labels.csv").is_file():

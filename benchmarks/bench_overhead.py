@@ -42,12 +42,12 @@ sys.path.insert(0, str(ROOT))
 def bench_training(project_path: Path, steps: int, repeats: int, threads: int) -> tuple[float, float]:
     import torch
 
-    from training_backend.data import build_training_set
+    from training_backend.learning.data import build_training_set
     from training_backend.events import Progress
-    from training_backend.methods import METHODS, create_method
-    from training_backend.models import ModelConfig
-    from training_backend.store import Project
-    from training_backend.trainer import TrainConfig, run_training
+    from training_backend.learning.methods import METHODS, create_method
+    from training_backend.learning.models import ModelConfig
+    from training_backend.project.store import Project
+    from training_backend.learning.trainer import TrainConfig, run_training
 
     model = ModelConfig()
     size, bs, warm = 128, 8, 5
@@ -99,9 +99,9 @@ def bench_inference(repeats: int, threads: int, n_classes: int) -> dict[str, flo
     import numpy as np
     import torch
 
-    from training_backend.data import preprocess_image
-    from training_backend.inference import predict_image
-    from training_backend.methods import create_method
+    from training_backend.learning.data import preprocess_image
+    from training_backend.learning.inference import predict_image
+    from training_backend.learning.methods import create_method
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -163,11 +163,11 @@ def main() -> int:
     ap.add_argument("--classes", type=int, nargs="+", default=[1, 4],
                     help="lesion classes of the predicted model (1: BUSI, 4: IDRiD)")
     args = ap.parse_args()
-    from training_backend.runtime import keep_freed_memory
+    from training_backend.learning.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the trainer process and the CLI do (bare and ours alike)
 
-    from training_backend.sample import create_sample_project
+    from training_backend.project.sample import create_sample_project
 
     with tempfile.TemporaryDirectory(prefix="lesionseg-bench-") as tmp:
         project = Path(tmp) / "sample"

@@ -24,12 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training_backend.store import Project  # noqa: E402
+from training_backend.project.store import Project  # noqa: E402
 
 PROBE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from training_backend.store import Project
+from training_backend.project.store import Project
 t1 = time.perf_counter()
 import zarr.storage
 reads = []

@@ -364,7 +364,7 @@ class Bench:
         return d
 
     def project(self, name: str, masks: bool = False):
-        from training_backend.store import Project
+        from training_backend.project.store import Project
 
         p = self.projects.get(name)
         if p is None or len(p) > 40:
@@ -404,7 +404,7 @@ def _changed_on_reject(bench_project, before: str, outcome: str) -> str | None:
 
 # ------------------------------------------------------------------------------ targets
 def fuzz_folder_import(bench: Bench, tally: Tally, data) -> None:
-    from training_backend import importer
+    from training_backend.project import importer
 
     kind, suffix, content = data.draw(image_file())
     name_kind, stem = data.draw(hostile_name()) if data.draw(st.booleans()) else ("plain", "img")
@@ -439,7 +439,7 @@ CSV_KINDS = ("missing column", "bad encoding", "utf-16", "duplicate rows", "dupl
 
 
 def fuzz_csv_import(bench: Bench, tally: Tally, data) -> None:
-    from training_backend import importer
+    from training_backend.project import importer
 
     folder = bench.folder()
     kind = CSV_KINDS[data.draw(_spread) % len(CSV_KINDS)]  # near-uniform over the kinds
@@ -714,7 +714,7 @@ def fuzz_cli(bench: Bench, tally: Tally, data) -> None:
         argv = [verb, "--project", str(ppath), "--steps", "2", "--image-size", "16",
                 "--batch-size", "2", "--base", "4", "--no-predict", "--threads", "1"] + extra
     elif verb == "gui":  # only projects that do not open: a good one would start napari
-        from training_backend.store import Project
+        from training_backend.project.store import Project
 
         with contextlib.suppress(Exception):
             Project.open(ppath, mode="r")

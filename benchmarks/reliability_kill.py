@@ -52,11 +52,13 @@ sys.path.insert(0, str(ROOT))
 # Imported once here, used only in forked children.
 import torch  # noqa: E402,F401  (pre-imported: children start at once)
 
-from training_backend import checkpoints, export, importer, io  # noqa: E402,F401
+from training_backend.learning import checkpoints
+
+from training_backend.project import export, importer, io  # noqa: E402,F401
 from training_backend.events import Failed, Finished, Started  # noqa: E402
-from training_backend.models import ModelConfig  # noqa: E402
-from training_backend.store import Project  # noqa: E402
-from training_backend.trainer import TrainConfig, run_training  # noqa: E402
+from training_backend.learning.models import ModelConfig  # noqa: E402
+from training_backend.project.store import Project  # noqa: E402
+from training_backend.learning.trainer import TrainConfig, run_training  # noqa: E402
 
 KINDS = ("annotation", "label", "undo", "checkpoint", "prediction", "import", "export",
          "trainer", "saver+trainer")

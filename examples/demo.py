@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="headless: training budget in seconds (default 60)")
     args = parser.parse_args(argv)
 
-    from training_backend.sample import create_sample_project
-    from training_backend.store import Project
+    from training_backend.project.sample import create_sample_project
+    from training_backend.project.store import Project
 
     folder = Path(args.folder)
     if not Project.is_project(folder):

@@ -1,4 +1,4 @@
-"""Regenerate the bundled IDRiD sample (``training_backend/sample_data/``).
+"""Regenerate the bundled IDRiD sample (``training_backend/project/sample_data/``).
 
 Takes 7 lesion images (the first, by id, that have all four lesion masks) and 3 lesion-free
 ``IDRiD_NAR_*`` images from the shared 1024 px IDRiD copy, downscales them to 256x256 (images:
@@ -9,7 +9,7 @@ attribution and the changes made).
 
 Usage (from the repository root):
     .venv/bin/python examples/make_sample_data.py [--src ../shared/data/idrid_1024]
-        [--out training_backend/sample_data] [--size 256]
+        [--out training_backend/project/sample_data] [--size 256]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ Regenerate with examples/make_sample_data.py.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, default=Path("../shared/data/idrid_1024"))
-    parser.add_argument("--out", type=Path, default=Path("training_backend/sample_data"))
+    parser.add_argument("--out", type=Path, default=Path("training_backend/project/sample_data"))
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
     with open(args.src / "labels.csv", newline="", encoding="utf-8") as fh:

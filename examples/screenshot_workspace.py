@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_lesionseg._launch import open_workspace
-    from training_backend.sample import create_sample_project
+    from training_backend.project.sample import create_sample_project
 
     tmp = None
     if args.project:

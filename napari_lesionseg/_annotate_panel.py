@@ -28,7 +28,7 @@ from napari_lesionseg._tasks import error_message, run_child, run_task
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
-    from training_backend.store import AnnotationVersion, CaseRecord, Outputs, Project
+    from training_backend.project.store import AnnotationVersion, CaseRecord, Outputs, Project
 
     from napari_lesionseg._state import WorkspaceState
 

@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 from napari_lesionseg._tasks import error_message, run_task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.store import CaseRecord, Project
+    from training_backend.project.store import CaseRecord, Project
 
     from napari_lesionseg._state import WorkspaceState
 
@@ -207,9 +207,9 @@ def compute_ranking(project_path: str, strategy: str, k: int) -> tuple[list, str
     Returns ``(ranked, note)``: ``ranked`` is a list of ``(cid, score)``; ``note`` explains a
     fallback (e.g. no predictions yet, where cases come in import order).
     """
-    from training_backend.acquisition import candidate_ids, rank
+    from training_backend.active.acquisition import candidate_ids, rank
     from training_backend.errors import ProjectError
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
     project = Project.open(project_path, mode="r")
     try:
@@ -258,7 +258,7 @@ class CasesPanel(QWidget):
 
     # ------------------------------------------------------------------ widgets
     def _build(self) -> None:
-        from training_backend.acquisition import STRATEGIES
+        from training_backend.active.acquisition import STRATEGIES
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)

@@ -15,8 +15,8 @@ from magicgui.widgets import CheckBox, ComboBox, Container, Label
 from qtpy.QtWidgets import QDialog, QDialogButtonBox, QSizePolicy, QVBoxLayout, QWidget
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.importer import CsvTable
-    from training_backend.store import Project
+    from training_backend.project.importer import CsvTable
+    from training_backend.project.store import Project
 
 NONE = "(none)"
 
@@ -80,7 +80,7 @@ class NewProjectDialog(QDialog):
 # ----------------------------------------------------------------------------- CSV import
 def import_help() -> dict[str, str]:
     """Help of ``import_csv``'s parameters, from its docstring."""
-    from training_backend.importer import import_csv
+    from training_backend.project.importer import import_csv
 
     doc = docstring_parser.parse(import_csv.__doc__ or "")
     return {p.arg_name: " ".join((p.description or "").split()).replace("``", "")
@@ -97,11 +97,11 @@ class CsvImportDialog(QDialog):
 
     Args:
         project: the open project (its classes).
-        table: the CSV as read by ``training_backend.importer.read_csv_table``.
+        table: the CSV as read by ``training_backend.project.importer.read_csv_table``.
     """
 
     def __init__(self, project: Project, table: CsvTable, parent: QWidget | None = None):
-        from training_backend.importer import guess_label_column
+        from training_backend.project.importer import guess_label_column
 
         super().__init__(parent)
         self.setWindowTitle(f"Import {Path(table.path).name}")
@@ -172,7 +172,7 @@ class CsvImportDialog(QDialog):
         return box
 
     def _show_values(self, combo: ComboBox) -> None:
-        from training_backend.importer import column_summary
+        from training_backend.project.importer import column_summary
 
         col = self._value(combo) if combo is not self.image else combo.value
         self.previews[combo.name].value = ("" if col is None
@@ -180,7 +180,7 @@ class CsvImportDialog(QDialog):
 
     def _recheck(self) -> None:
         """Count the rows that would be skipped with the current choices, and why."""
-        from training_backend.importer import check_csv
+        from training_backend.project.importer import check_csv
 
         if self._building:
             return
@@ -197,7 +197,7 @@ class CsvImportDialog(QDialog):
         return None if value in (NONE, None) or not combo.enabled else value
 
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``training_backend.importer.import_csv``."""
+        """Keyword arguments for ``training_backend.project.importer.import_csv``."""
         mask_cols = [(col, cls) for cls, combo in self.masks.items()
                      if (col := self._value(combo)) is not None]
         return {"image_col": self.image.value, "mask_cols": mask_cols,

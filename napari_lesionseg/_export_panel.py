@@ -2,7 +2,7 @@
 
 The settings form is built by magicgui from the signature of `export_settings` (its parameter
 names are ``export_masks``'s keywords); the format choices come from the format registry
-(`training_backend.formats.export_formats`), so a new export format shows up here by itself.
+(`training_backend.project.formats.export_formats`), so a new export format shows up here by itself.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidg
 from napari_lesionseg._tasks import progress_relay, run_task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.export import ExportReport
+    from training_backend.project.export import ExportReport
 
     from napari_lesionseg._state import WorkspaceState
 
@@ -28,7 +28,7 @@ VALUES = (("class indices", "index"), ("viewable 0/255", "binary"), ("class colo
 
 def export_formats() -> dict:
     """name -> `FileFormat` the export offers (the registry; torch-free, imports no store)."""
-    from training_backend.formats import export_formats as offered
+    from training_backend.project.formats import export_formats as offered
 
     return offered()
 
@@ -52,8 +52,8 @@ export_settings.__annotations__ = get_type_hints(export_settings)
 
 def _export_in_worker(project_path: str, out_dir: str, fmt: str, source: str,
                       on_progress: Callable[[int, int], None], values: str = "index") -> ExportReport:
-    from training_backend.export import export_masks
-    from training_backend.store import Project
+    from training_backend.project.export import export_masks
+    from training_backend.project.store import Project
 
     project = Project.open(project_path, mode="r")
     return export_masks(project, out_dir, fmt=fmt, source=source, on_progress=on_progress,

@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QCheckBox, QGridLayout, QLabel, QPushButton, QVBoxLay
 from napari_lesionseg import _layers
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.store import CaseRecord, Project
+    from training_backend.project.store import CaseRecord, Project
 
 
 def caption(text: str) -> QLabel:

@@ -39,7 +39,7 @@ def launch(project: str | os.PathLike | None = None) -> int:
         ProjectError: ``project`` is not a lesionseg project (the CLI prints it as one line).
     """
     if project is not None:
-        from training_backend.store import Project
+        from training_backend.project.store import Project
 
         Project.open(Path(project))  # fail fast, before napari starts
     import napari

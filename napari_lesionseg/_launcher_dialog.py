@@ -1,4 +1,4 @@
-"""The dialog that adds or edits a launcher (``training_backend.launchers.Launcher``)."""
+"""The dialog that adds or edits a launcher (``training_backend.jobs.launchers.Launcher``)."""
 from __future__ import annotations
 
 from qtpy.QtWidgets import (
@@ -11,7 +11,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from training_backend.launchers import Launcher
+from training_backend.jobs.launchers import Launcher
 
 EXAMPLES = ('ssh gpu1 "lesionseg train {args}"\n'
             'sbatch --gres=gpu:1 -J {model_id} --wrap "lesionseg train {args}"')

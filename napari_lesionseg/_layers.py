@@ -15,7 +15,7 @@ from napari.utils.colormaps import DirectLabelColormap
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
-    from training_backend.store import Outputs, Project
+    from training_backend.project.store import Outputs, Project
 
 IMAGE = "image"
 ANNOTATION = "annotation"
@@ -33,7 +33,7 @@ def cam_layer_name(class_name: str) -> str:
 
 def class_color(project: Project, index: int) -> str:
     """Colour ``#rrggbb`` of lesion class ``index`` (0-based)."""
-    from training_backend.store import DEFAULT_COLORS
+    from training_backend.project.store import DEFAULT_COLORS
 
     name = project.classes[index]
     return project.colors.get(name, DEFAULT_COLORS[index % len(DEFAULT_COLORS)])

@@ -32,7 +32,7 @@ from napari_lesionseg._layers import ANNOTATION, BACKGROUND_VALUE
 from napari_lesionseg._tasks import error_message, guarded
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.store import AnnotationVersion, Project
+    from training_backend.project.store import AnnotationVersion, Project
 
     from napari_lesionseg._state import WorkspaceState
 

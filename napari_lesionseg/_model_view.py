@@ -10,7 +10,7 @@ from napari_lesionseg import _layers
 from napari_lesionseg._layers import PREDICTION, UNCERTAINTY
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.store import Outputs, Project
+    from training_backend.project.store import Outputs, Project
 
     from napari_lesionseg._state import WorkspaceState
 

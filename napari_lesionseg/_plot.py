@@ -4,7 +4,7 @@
   against steps, with a mark where the validation cases join the training.
 * `LearningCurve`: label efficiency across runs — each model's validation Dice against the
   number of annotated cases it learned from; models at the same number are drawn as their mean
-  with a band from the lowest to the highest (`training_backend.curves.aggregate`, the curve
+  with a band from the lowest to the highest (`training_backend.active.curves.aggregate`, the curve
   ``lesionseg simulate`` draws too).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QFont, QPainter, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-from training_backend.curves import CurveStat, aggregate
+from training_backend.active.curves import CurveStat, aggregate
 
 DICE_COLOR = "#4fc3f7"
 LOSS_COLOR = "#ffb74d"

@@ -25,8 +25,8 @@ from napari_lesionseg._dialogs import CsvImportDialog, NewProjectDialog
 from napari_lesionseg._tasks import error_message, progress_relay, run_task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.importer import ImportReport
-    from training_backend.store import Project
+    from training_backend.project.importer import ImportReport
+    from training_backend.project.store import Project
 
     from napari_lesionseg._state import WorkspaceState
 
@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def _import_in_worker(project_path: str, what: str, source: str, kwargs: dict,
                       on_progress: Callable[[int, int], None]) -> ImportReport:
     """Run an import on the worker's own handle of the project (the GUI keeps its own)."""
-    from training_backend import importer
-    from training_backend.store import Project
+    from training_backend.project import importer
+    from training_backend.project.store import Project
 
     project = Project.open(project_path)
     fn = importer.import_folder if what == "folder" else importer.import_csv
@@ -129,7 +129,7 @@ class ProjectPanel(QWidget):
     def open_project(self, path: str | Path) -> Project | None:
         """Open the project folder ``path`` (errors are shown, not raised)."""
         from training_backend.errors import ReadOnlyError
-        from training_backend.store import Project
+        from training_backend.project.store import Project
 
         try:
             try:
@@ -151,7 +151,7 @@ class ProjectPanel(QWidget):
     def create_project(self, path: str | Path, classes: list[str],
                        image_classes: list[str] = ()) -> Project | None:
         """Create a project and open it (errors are shown, not raised)."""
-        from training_backend.store import Project
+        from training_backend.project.store import Project
 
         try:
             project = Project.create(path, classes, image_classes)
@@ -169,8 +169,8 @@ class ProjectPanel(QWidget):
             unlabelled: keep the sample's masks and labels hidden as a reference (start from
                 unlabelled images; evaluation can still score the work).
         """
-        from training_backend.sample import create_sample_project
-        from training_backend.store import Project
+        from training_backend.project.sample import create_sample_project
+        from training_backend.project.store import Project
 
         try:
             project = (Project.open(path) if Project.is_project(path)
@@ -216,7 +216,7 @@ class ProjectPanel(QWidget):
             self.import_folder(path)
 
     def _ask_import_csv(self) -> None:
-        from training_backend.importer import read_csv_table
+        from training_backend.project.importer import read_csv_table
 
         project = self.state.project
         path, _ = QFileDialog.getOpenFileName(self, "Import a CSV", "", "CSV (*.csv *.tsv *.txt)")
@@ -258,7 +258,7 @@ class ProjectPanel(QWidget):
             self._import_progress.refresh()
 
     def _on_import_done(self, report: ImportReport) -> None:
-        from training_backend.importer import describe_skipped
+        from training_backend.project.importer import describe_skipped
 
         self.state.reload_index()
         msg = report.summary()

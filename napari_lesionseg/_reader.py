@@ -8,7 +8,7 @@
   ``annotation`` Labels layer holding the latest saved mask (empty if none), coloured with the
   project's class colours.
 * DICOM (``.dcm``, ``.dicom``) and NIfTI (``.nii``, ``.nii.gz``) files, which napari does not
-  read itself, open as one image layer each, read by ``training_backend.io.read_image`` (so
+  read itself, open as one image layer each, read by ``training_backend.project.io.read_image`` (so
   DICOM rescaling, NIfTI orientation etc. match what a project import would store).
 
 The manifest (``napari.yaml``) offers this reader nothing else: PNG, JPEG and TIFF stay with
@@ -28,7 +28,7 @@ from napari_lesionseg._layers import BACKGROUND_COLOR, BACKGROUND_VALUE
 
 
 def _project_folder(path: Path) -> Path | None:
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
     if path.name == "project.json":
         path = path.parent
@@ -41,7 +41,7 @@ def get_reader(path: str | list[str]) -> Callable | None:
     Args:
         path: a path, or a list of paths (all must be readable images).
     """
-    from training_backend import io
+    from training_backend.project import io
 
     paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     if not paths:
@@ -59,7 +59,7 @@ def read_images(path: str | list[str]) -> list[tuple]:
     Args:
         path: a path or a list of paths.
     """
-    from training_backend import io
+    from training_backend.project import io
 
     out = []
     for p in (path if isinstance(path, (list, tuple)) else [path]):
@@ -87,7 +87,7 @@ def read_project(path: str | list[str]) -> list[tuple]:
         path: the project folder (or its ``project.json``).
     """
     from training_backend.errors import ProjectError
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
     folder = _project_folder(Path(path[0] if isinstance(path, (list, tuple)) else path))
     viewer = _current_window_viewer()

@@ -14,8 +14,8 @@ def make_sample_data() -> list[tuple]:
     The first case with lesion masks is used; its per-class masks are combined into one class
     map (MA=1, HE=2, EX=3, SE=4), coloured like a project made from the sample.
     """
-    from training_backend import io
-    from training_backend.sample import (
+    from training_backend.project import io
+    from training_backend.project.sample import (
         SAMPLE_CLASSES,
         SAMPLE_COLORS,
         SAMPLE_MASK_COLS,

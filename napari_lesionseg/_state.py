@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 from psygnal import Signal
 
 from napari_lesionseg._status import TrainingStatus
-from training_backend.acquisition import DEFAULT_STRATEGY
+from training_backend.active.acquisition import DEFAULT_STRATEGY
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
 
 def current_user() -> str:

@@ -1,9 +1,9 @@
 """Trainer panel: choose a method, start/stop the background trainer process, watch it learn.
 
-The trainer runs in its own process (``training_backend.process.TrainerProcess``), or elsewhere:
-started by a launcher (``training_backend.launchers.LaunchedRun``: SSH, SLURM, a command
+The trainer runs in its own process (``training_backend.jobs.process.TrainerProcess``), or elsewhere:
+started by a launcher (``training_backend.jobs.launchers.LaunchedRun``: SSH, SLURM, a command
 template saved in the user's settings) or by anyone (the panel attaches to a run of the
-project, ``training_backend.runs.RunFollower``). All three have the same interface; a QTimer on
+project, ``training_backend.jobs.runs.RunFollower``). All three have the same interface; a QTimer on
 the GUI thread polls their events every ``POLL_MS`` and maps them onto widgets, napari's activity
 dock (``napari.utils.progress``) and the workspace state. A run elsewhere is stopped through
 the project (a stop request); closing the window only stops following it.
@@ -39,9 +39,9 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from training_backend.config import METHOD_CATALOG, MethodSpec, TrainConfig, available_methods
-from training_backend.curves import model_points
-from training_backend.launchers import Launcher, LaunchedRun, load_launchers, save_launchers
-from training_backend.runs import RunFollower, list_runs, new_model_id
+from training_backend.active.curves import model_points
+from training_backend.jobs.launchers import Launcher, LaunchedRun, load_launchers, save_launchers
+from training_backend.jobs.runs import RunFollower, list_runs, new_model_id
 
 from napari_lesionseg import _status as st
 from napari_lesionseg._plot import LearningCurve, RunCurve
@@ -60,7 +60,7 @@ from napari_lesionseg._train_form import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
     from napari_lesionseg._state import WorkspaceState
 
@@ -420,7 +420,7 @@ class TrainerPanel(QWidget):
 
     @staticmethod
     def _history_points(project: Project | None) -> list[tuple[int, float]]:
-        # the same points and curve as `lesionseg simulate` (training_backend.curves)
+        # the same points and curve as `lesionseg simulate` (training_backend.active.curves)
         return [] if project is None else model_points(project.models())
 
     # ------------------------------------------------------------------ run control
@@ -493,7 +493,7 @@ class TrainerPanel(QWidget):
             return False
         self.state.save_requested.emit()      # the annotation being painted joins this run
         self.state.reload_index()
-        from training_backend.process import TrainerProcess
+        from training_backend.jobs.process import TrainerProcess
 
         cfg = self.settings(auto=auto)
         launcher = self.launcher()

@@ -23,7 +23,7 @@ from napari_lesionseg._trainer_panel import TrainerPanel
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
 #: (key, what it does) -- shown in the help label and bound on the viewer.
 SHORTCUTS = (
@@ -156,7 +156,7 @@ class LesionWorkspace(QWidget):
         return self.project_panel.open_project(path)
 
     def set_project(self, project: Project) -> None:
-        """Show an already open :class:`~training_backend.store.Project`."""
+        """Show an already open :class:`~training_backend.project.store.Project`."""
         self.project_panel.set_project(project)
 
     def go_to(self, cid: str) -> None:

@@ -1,4 +1,4 @@
-"""Write a Labels layer as a mask file (PNG / TIFF / NIfTI) through ``training_backend.io``."""
+"""Write a Labels layer as a mask file (PNG / TIFF / NIfTI) through ``training_backend.project.io``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +19,7 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     Returns:
         ``[path]`` of the file written.
     """
-    from training_backend import io
+    from training_backend.project import io
     from training_backend.errors import InputError
 
     mask = np.asarray(data)

@@ -54,7 +54,7 @@ def _draw_case(rng: np.random.Generator, size: int, n_classes: int, lesions: boo
 def _scribbles(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A sparse annotation from a reference: a few lesion pixels per disc + a painted background
     band (0 = unlabelled, k = class, 255 = background)."""
-    from training_backend.store import BACKGROUND
+    from training_backend.project.store import BACKGROUND
 
     sparse = np.zeros_like(mask)
     for cls in np.unique(mask[mask > 0]):
@@ -88,7 +88,7 @@ def make_tiny_project(path: str | Path, layout: Sequence[str] = TINY_LAYOUT, n_h
     Returns:
         The open `Project`.
     """
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
     rng = np.random.default_rng(seed)
     project = Project.create(path, list(classes), list(image_classes), name="tiny")
@@ -130,7 +130,7 @@ def tiny_project_factory(tmp_path):
 @pytest.fixture(scope="session")
 def bundled_sample_template(tmp_path_factory):
     """The bundled sample project, built once per session (copy it before changing it)."""
-    from training_backend.sample import create_sample_project
+    from training_backend.project.sample import create_sample_project
 
     path = tmp_path_factory.mktemp("bundled") / "sample"
     create_sample_project(path)

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training_backend import distributed
+from training_backend.learning import distributed
 from training_backend.config import ModelConfig, TrainConfig
 from training_backend.events import Finished
-from training_backend.methods import METHODS
-from training_backend.trainer import _Run
+from training_backend.learning.methods import METHODS
+from training_backend.learning.trainer import _Run
 
 
 def grads_check(ctx: distributed.DistContext) -> dict:

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training_backend import acquisition
-from training_backend.acquisition import STRATEGIES, create_strategy, get_strategy, rank
+from training_backend.active import acquisition
+from training_backend.active.acquisition import STRATEGIES, create_strategy, get_strategy, rank
 from training_backend import cli
 from training_backend.errors import InputError, ProjectError
-from training_backend.store import Project
+from training_backend.project.store import Project
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 8
@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
     """The real dispatcher with only this module's verbs (the other verb modules are tested
     elsewhere and may pull in torch)."""
     saved = cli.VERB_MODULES
-    cli.VERB_MODULES = ("training_backend.cli_rank",)
+    cli.VERB_MODULES = ("training_backend.cli.rank",)
     try:
         return cli.main(argv)
     finally:
@@ -276,7 +276,7 @@ def test_cli_rank_json_and_table(contract, capsys):
 def test_ranking_does_not_import_torch(contract):
     project, _ = contract
     code = ("import sys\nfrom training_backend import cli\n"
-            "cli.VERB_MODULES = ('training_backend.cli_rank',)\n"
+            "cli.VERB_MODULES = ('training_backend.cli.rank',)\n"
             f"assert cli.main(['rank', '--project', {str(project.path)!r}, '--strategy', 'kcenter',"
             " '--json']) == 0\nassert 'torch' not in sys.modules, 'torch imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -21,6 +21,32 @@ def test_config_imports_no_torch():
     assert out.stdout.split() == ["8", "300.0"]
 
 
+def test_the_layers_without_torch_import_no_torch():
+    """The project store, the job side (process, runs, launchers), ranking and the CLI's parser
+    import no torch: the window and a ranking server stay light."""
+    modules = ["training_backend.project.store", "training_backend.project.importer",
+               "training_backend.project.export", "training_backend.jobs.process",
+               "training_backend.jobs.runs", "training_backend.jobs.launchers",
+               "training_backend.active.acquisition", "training_backend.active.curves",
+               "training_backend.cli"]
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_training_backend_is_grouped_by_layer():
+    """Only the contract layer and the entry points live at the top; everything else is in a
+    subpackage that says what it is."""
+    top = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py")
+    assert top == ["__init__.py", "__main__.py", "config.py", "errors.py", "events.py"]
+    subpackages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    assert subpackages == ["active", "cli", "jobs", "learning", "project"]
+    for name in subpackages:
+        doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text()))
+        assert doc and len(doc) > 40, f"{name}/__init__.py needs a docstring of what lives there"
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -65,13 +91,13 @@ def test_no_import_cycle_in_the_backend():
         if module not in state:
             walk(module, [module])
     # the pairs that used to import each other
-    assert "training_backend.trainer" not in graph["training_backend.inference"]
-    assert "training_backend.methods.base" not in graph["training_backend.data"]
+    assert "training_backend.learning.trainer" not in graph["training_backend.learning.inference"]
+    assert "training_backend.learning.methods.base" not in graph["training_backend.learning.data"]
 
 
 def test_catalog_and_registry_agree():
     from training_backend.config import COMMON_OPTIONS, METHOD_CATALOG
-    from training_backend.methods import METHODS
+    from training_backend.learning.methods import METHODS
 
     assert set(METHOD_CATALOG) == set(METHODS)
     for name, spec in METHOD_CATALOG.items():

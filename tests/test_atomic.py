@@ -1,4 +1,4 @@
-"""The one atomic write (`training_backend.atomic`) and its users: the store's indexes, mask
+"""The one atomic write (`training_backend.project.atomic`) and its users: the store's indexes, mask
 files, checkpoints; and the one supervision count shared by the store and the trainer."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from training_backend import atomic
+from training_backend.project import atomic
 
 
 def _leftovers(folder):
@@ -56,8 +56,10 @@ def test_store_io_and_checkpoints_use_the_one_atomic_write(tmp_path, monkeypatch
     files it fsyncs proves who used it."""
     import torch
 
-    from training_backend import checkpoints, io
-    from training_backend.store import Project
+    from training_backend.learning import checkpoints
+
+    from training_backend.project import io
+    from training_backend.project.store import Project
 
     calls = []
     real = atomic.fsync_file
@@ -79,7 +81,7 @@ def test_store_io_and_checkpoints_use_the_one_atomic_write(tmp_path, monkeypatch
 
 def test_store_and_trainer_count_supervision_alike(tiny_project):
     """An emptied sparse mask teaches nothing: both counts call it maskless, not sparse."""
-    from training_backend.data import build_training_set
+    from training_backend.learning.data import build_training_set
 
     cid = tiny_project.case_ids()[4]  # the sparse case
     tiny_project.save_annotation(cid, np.zeros((48, 48), np.uint8), "sparse")

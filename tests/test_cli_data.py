@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training_backend import io
+from training_backend.project import io
 from training_backend.cli import main
-from training_backend.sample import SAMPLE_CLASSES, create_sample_project, sample_manifest_path
-from training_backend.store import Project
+from training_backend.project.sample import SAMPLE_CLASSES, create_sample_project, sample_manifest_path
+from training_backend.project.store import Project
 
 H, W = 20, 28
 

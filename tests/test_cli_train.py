@@ -6,9 +6,9 @@ import json
 
 
 from training_backend.cli import main
-from training_backend.cli_train import ProgressPrinter
+from training_backend.cli.train import ProgressPrinter
 from training_backend.events import Finished, Loss, Progress, Started, Validation
-from training_backend.store import Project
+from training_backend.project.store import Project
 
 TINY = ["--image-size", "32", "--batch-size", "2", "--base", "4", "--threads", "1",
         "--mc-samples", "2", "--validate-every", "5"]

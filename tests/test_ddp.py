@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from training_backend import distributed, events as ev, runs
-from training_backend.checkpoints import load_checkpoint
+from training_backend.learning import distributed
+
+from training_backend import events as ev
+
+from training_backend.jobs import runs
+from training_backend.learning.checkpoints import load_checkpoint
 from training_backend.errors import InputError
-from training_backend.store import Project
+from training_backend.project.store import Project
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

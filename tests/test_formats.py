@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from training_backend import formats, io
+from training_backend.project import formats, io
 from training_backend.errors import InputError
 
 MANIFEST = Path(__file__).resolve().parent.parent / "napari_lesionseg" / "napari.yaml"

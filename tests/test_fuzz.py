@@ -27,7 +27,7 @@ def test_fingerprint_sees_a_changed_project(tmp_path):
     """The before/after comparison can fail: it notices a saved annotation."""
     import numpy as np
 
-    from training_backend.store import Project
+    from training_backend.project.store import Project
 
     p = Project.create(tmp_path / "p", ["lesion"])
     cid = p.add_case(np.zeros((8, 8), np.uint8), "a")

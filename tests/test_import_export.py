@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training_backend import io
+from training_backend.project import io
 from training_backend.errors import InputError
-from training_backend.export import export_masks
-from training_backend.importer import (check_csv, column_summary, guess_label_column, import_csv,
+from training_backend.project.export import export_masks
+from training_backend.project.importer import (check_csv, column_summary, guess_label_column, import_csv,
                                        import_folder, read_csv_table)
-from training_backend.store import BACKGROUND, Project
+from training_backend.project.store import BACKGROUND, Project
 
 H, W = 24, 32
 CLASSES = ["MA", "HE"]

@@ -9,12 +9,12 @@ import torch
 
 from training_backend.errors import InputError
 from training_backend.events import Finished
-from training_backend.inference import (check_compatible, iter_predictions, load_model,
+from training_backend.learning.inference import (check_compatible, iter_predictions, load_model,
                                         predict_image, predict_project, resolve_checkpoint)
-from training_backend.methods.base import gate_evidence, gate_probs
-from training_backend.models import ModelConfig
-from training_backend.store import Project
-from training_backend.trainer import TrainConfig, train
+from training_backend.learning.methods.base import gate_evidence, gate_probs
+from training_backend.learning.models import ModelConfig
+from training_backend.project.store import Project
+from training_backend.learning.trainer import TrainConfig, train
 
 SCORE_KEYS = {"presence", "image_class", "lesion_frac", "entropy", "entropy_lesion", "bald", "tta_var",
               "cam_disagreement", "burden_disagreement", "uncertainty_mean",
@@ -168,7 +168,7 @@ def test_model_predicts_another_project_with_the_same_classes(trained, tiny_proj
 @pytest.mark.parametrize("channels", [2, 3, 5, 9, 17])
 def test_argmax_channels_matches_torch_max_and_breaks_ties_low(channels):
     """The packed-integer argmax picks what torch.max picks, ties (uniform maps) included."""
-    from training_backend.inference import _argmax_channels
+    from training_backend.learning.inference import _argmax_channels
 
     g = torch.Generator().manual_seed(channels)
     probs = torch.softmax(3 * torch.randn(1, channels, 24, 40, generator=g), 1)

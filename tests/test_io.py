@@ -10,7 +10,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from training_backend import io
+from training_backend.project import io
 from training_backend.errors import InputError
 
 ODD_NAMES = ["plain", "with space (1)", "nön-äscii ü"]

@@ -13,8 +13,8 @@ from torch import nn
 import test_methods_contract as contract
 from test_methods_contract import TINY, build, make_batch
 from training_backend.errors import InputError
-from training_backend.methods import caml
-from training_backend.methods.caml import (
+from training_backend.learning.methods import caml
+from training_backend.learning.methods.caml import (
     CrossSampleAttention,
     correlation_ce,
     cross_sharpened_mse,
@@ -240,7 +240,7 @@ def test_paper_variant_passes_the_contract():
 
 def test_options_that_would_divide_by_zero_are_refused():
     from training_backend.errors import InputError
-    from training_backend.methods import create_method
+    from training_backend.learning.methods import create_method
 
     for bad in ({"temperature": 0.0}, {"temperature": 0.005}, {"tau": 0.0}):
         with pytest.raises(InputError, match=next(iter(bad))):

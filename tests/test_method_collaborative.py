@@ -10,7 +10,7 @@ import torch
 import test_methods_contract as contract
 from test_methods_contract import SIZE, build, make_batch
 from training_backend.errors import InputError
-from training_backend.methods.collaborative import (
+from training_backend.learning.methods.collaborative import (
     attention_pseudo_target,
     attention_to_maps,
     discriminator_loss,

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from test_methods_contract import SIZE, build, make_batch
 from test_methods_contract import test_method_contract as check_contract
 from training_backend.errors import InputError
-from training_backend.methods import crii
-from training_backend.methods.crii import (
+from training_backend.learning.methods import crii
+from training_backend.learning.methods.crii import (
     coarse_refined_agreement,
     disagreement,
     grid_means,

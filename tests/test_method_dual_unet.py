@@ -11,9 +11,9 @@ import torch
 from test_methods_contract import SIZE, make_batch
 from test_methods_contract import test_method_contract as contract_checks
 from training_backend.errors import InputError
-from training_backend.methods import create_method
-from training_backend.methods.dual_unet import FusedUNet, segmentation_loss, segmentation_rows
-from training_backend.models import ModelConfig, pad_to_multiple
+from training_backend.learning.methods import create_method
+from training_backend.learning.methods.dual_unet import FusedUNet, segmentation_loss, segmentation_rows
+from training_backend.learning.models import ModelConfig, pad_to_multiple
 
 #: no dropout, so that two forward passes agree exactly
 EXACT = ModelConfig(base=8, depth=3, dropout=0.0)

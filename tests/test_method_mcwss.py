@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from test_methods_contract import build, make_batch
 from test_methods_contract import test_method_contract as contract_checks  # not collected twice
-from training_backend.methods.cam import cam_pseudo_target
-from training_backend.methods.mcwss import (
+from training_backend.learning.methods.cam import cam_pseudo_target
+from training_backend.learning.methods.mcwss import (
     CAMOutput,
     alignment_loss,
     both_labels,

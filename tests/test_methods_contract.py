@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from training_backend.errors import InputError
-from training_backend.methods import (
+from training_backend.learning.methods import (
     METHODS,
     Batch,
     Prediction,
@@ -22,8 +22,8 @@ from training_backend.methods import (
     create_method,
     gate_prediction,
 )
-from training_backend.methods.cam import cam_pseudo_target, superpixel_mean
-from training_backend.models import ModelConfig, cam_to_maps
+from training_backend.learning.methods.cam import cam_pseudo_target, superpixel_mean
+from training_backend.learning.models import ModelConfig, cam_to_maps
 
 SIZE = 40
 TINY = ModelConfig(base=8, depth=3, dropout=0.1)
@@ -268,7 +268,7 @@ def test_ema_teacher_follows_the_student(name):
 def test_segmentation_losses_per_image_dice_weighs_small_lesions():
     """Per-image Dice (the default) counts a missed small lesion as much as a found large one;
     batch Dice hardly notices it. Unlabelled pixels (-1) never count."""
-    from training_backend.losses import segmentation_losses
+    from training_backend.learning.losses import segmentation_losses
 
     target = torch.zeros(2, 32, 32, dtype=torch.long)
     target[0, 4:28, 4:28] = 1             # a large lesion, predicted exactly
@@ -287,7 +287,7 @@ def test_segmentation_losses_per_image_dice_weighs_small_lesions():
 
 
 def test_cutmix_boxes_cover_the_asked_share():
-    from training_backend.methods.mean_teacher import cutmix_boxes
+    from training_backend.learning.methods.mean_teacher import cutmix_boxes
 
     torch.manual_seed(0)
     boxes = cutmix_boxes(64, (40, 30), (0.25, 0.5))
@@ -301,7 +301,7 @@ def test_cutmix_boxes_cover_the_asked_share():
 
 
 def test_confident_ce_ignores_unsure_teacher_pixels():
-    from training_backend.methods.mean_teacher import confident_ce
+    from training_backend.learning.methods.mean_teacher import confident_ce
 
     teacher = torch.zeros(1, 2, 2, 2)
     teacher[0, 1] = torch.tensor([[0.95, 0.6], [0.05, 0.4]])  # lesion sure, unsure, bg sure, unsure
@@ -316,7 +316,7 @@ def test_confident_ce_ignores_unsure_teacher_pixels():
 
 
 def test_softmax_mse_ignores_invalid_pixels():
-    from training_backend.losses import softmax_mse
+    from training_backend.learning.losses import softmax_mse
 
     student = torch.zeros(1, 2, 1, 2, requires_grad=True)   # 0.5 / 0.5 at both pixels
     teacher = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])  # class 0 sure at both
@@ -329,7 +329,7 @@ def test_softmax_mse_ignores_invalid_pixels():
 
 
 def test_paste_pairs_mix_annotations_and_teacher_both_ways():
-    from training_backend.methods.mean_teacher import paste_pairs
+    from training_backend.learning.methods.mean_teacher import paste_pairs
 
     box = torch.zeros(2, 1, 6, 6)
     box[:, :, :3, :3] = 1                                    # the top-left quarter
@@ -355,7 +355,7 @@ def test_paste_pairs_mix_annotations_and_teacher_both_ways():
 def test_mean_teacher_cutmix_targets_follow_the_box(monkeypatch):
     """With CutMix the student's pseudo-target is the teacher's prediction mixed by the same box:
     a student already equal to that mix has (near) zero consistency loss."""
-    from training_backend.methods import mean_teacher as mt
+    from training_backend.learning.methods import mean_teacher as mt
 
     torch.manual_seed(0)
     m = build("mean_teacher", {"noise": 0.0, "rampup": 0.0}, 1, 1, 0)

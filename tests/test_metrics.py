@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from training_backend.metrics import binary_auc, case_metrics, evaluate_project, summarise
-from training_backend.store import Project
+from training_backend.learning.metrics import binary_auc, case_metrics, evaluate_project, summarise
+from training_backend.project.store import Project
 
 
 def square(shape, y0, y1, x0, x1, value=1):
@@ -100,7 +100,7 @@ def test_evaluate_project(tmp_path):
 
 
 def test_spearman_and_failure_detection_by_hand():
-    from training_backend.metrics import failure_detection, spearman
+    from training_backend.learning.metrics import failure_detection, spearman
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

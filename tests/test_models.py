@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training_backend.errors import InputError
-from training_backend.models import EncoderClassifier, ModelConfig, UNet, cam_to_maps, enable_dropout
+from training_backend.learning.models import EncoderClassifier, ModelConfig, UNet, cam_to_maps, enable_dropout
 
 TINY = ModelConfig(base=8, depth=3)
 
@@ -102,7 +102,7 @@ def test_config_round_trip_and_validation():
 
 
 def test_create_method_uses_channels_last_with_the_same_outputs():
-    from training_backend.methods import create_method
+    from training_backend.learning.methods import create_method
 
     torch.manual_seed(0)
     m = create_method("supervised", in_channels=1, n_classes=1, n_image_classes=0, model=TINY).eval()
@@ -118,7 +118,7 @@ def test_create_method_uses_channels_last_with_the_same_outputs():
 def test_keep_freed_memory_is_idempotent():
     import sys
 
-    from training_backend.runtime import keep_freed_memory
+    from training_backend.learning.runtime import keep_freed_memory
 
     first = keep_freed_memory()
     assert keep_freed_memory() == first
@@ -130,7 +130,7 @@ def test_keep_freed_memory_is_idempotent():
 
 @pytest.mark.parametrize("method_name", ["supervised", "cam", "mean_teacher"])
 def test_inference_copy_folds_batch_norm_same_outputs(method_name):
-    from training_backend.methods import create_method
+    from training_backend.learning.methods import create_method
 
     torch.manual_seed(0)
     method = create_method(method_name, in_channels=3, n_classes=2, n_image_classes=3, model=TINY).eval()
@@ -155,7 +155,7 @@ def test_inference_copy_folds_batch_norm_same_outputs(method_name):
 
 
 def test_fold_batch_norm_leaves_instance_norm():
-    from training_backend.models import fold_batch_norm
+    from training_backend.learning.models import fold_batch_norm
 
     net = UNet(1, 1, 0, ModelConfig(base=8, depth=3, norm="instance")).eval()
     assert fold_batch_norm(net) == 0

@@ -11,7 +11,7 @@ import pytest
 from napari_lesionseg._reader import get_reader, read_images, read_project
 from napari_lesionseg._sample_data import make_sample_data
 from napari_lesionseg._writer import write_labels
-from training_backend import io
+from training_backend.project import io
 from training_backend.errors import InputError
 
 

@@ -14,8 +14,9 @@ from napari_lesionseg import _trainer_panel
 from napari_lesionseg._layers import PREDICTION
 from napari_lesionseg._tasks import running_tasks
 from napari_lesionseg._widget import LesionWorkspace
-from training_backend import events as ev, runs
-from training_backend.launchers import Launcher
+from training_backend import events as ev
+from training_backend.jobs import runs
+from training_backend.jobs.launchers import Launcher
 
 pytestmark = pytest.mark.gui
 

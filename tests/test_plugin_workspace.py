@@ -19,9 +19,9 @@ from napari_lesionseg import _trainer_panel
 from napari_lesionseg._layers import ANNOTATION, PREDICTION, UNCERTAINTY, cam_layer_name
 from napari_lesionseg._tasks import running_tasks
 from napari_lesionseg._widget import LesionWorkspace
-from training_backend.acquisition import rank
-from training_backend.sample import create_sample_project
-from training_backend.store import BACKGROUND, Project
+from training_backend.active.acquisition import rank
+from training_backend.project.sample import create_sample_project
+from training_backend.project.store import BACKGROUND, Project
 
 pytestmark = pytest.mark.gui
 
@@ -331,7 +331,7 @@ def test_export_writes_files(workspace, qtbot, sample_project, tmp_path):
     qtbot.waitUntil(lambda: ws.export_panel.last_report is not None, timeout=10_000)
     report = ws.export_panel.last_report
     assert [c for c, _p in report.exported] == [cid]
-    from training_backend import io
+    from training_backend.project import io
 
     written = io.read_mask(report.exported[0][1], n_classes=4)
     assert (written[5:9, 5:9] == 1).all() and written.sum() == 16
@@ -354,7 +354,7 @@ def test_export_writes_files(workspace, qtbot, sample_project, tmp_path):
 
 
 def test_create_project_and_import_folder(workspace, qtbot, tmp_path):
-    from training_backend import io
+    from training_backend.project import io
 
     images = tmp_path / "scans"
     images.mkdir()
@@ -580,8 +580,8 @@ def test_buttons_open_dialogs_and_csv_import(workspace, qtbot, tmp_path, monkeyp
 
     from napari_lesionseg import _project_panel
     from napari_lesionseg._dialogs import CsvImportDialog
-    from training_backend.importer import read_csv_table
-    from training_backend.sample import sample_manifest_path
+    from training_backend.project.importer import read_csv_table
+    from training_backend.project.sample import sample_manifest_path
 
     ws = workspace
     panel = ws.project_panel

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from training_backend.data import HIGH_PCT, LOW_PCT, percentiles, preprocess_image
+from training_backend.learning.data import HIGH_PCT, LOW_PCT, percentiles, preprocess_image
 
 
 @pytest.mark.parametrize("dtype,top", [(np.uint8, 256), (np.uint16, 65536), (np.float32, 1)])

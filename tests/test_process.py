@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from training_backend.events import CheckpointSaved, Failed, Finished, Loss, Progress, Started
-from training_backend.models import ModelConfig
-from training_backend.process import TrainerProcess
-from training_backend.store import Project
-from training_backend.trainer import TrainConfig
+from training_backend.learning.models import ModelConfig
+from training_backend.jobs.process import TrainerProcess
+from training_backend.project.store import Project
+from training_backend.learning.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GUI_MODULES = {"napari", "qtpy", "magicgui", "PyQt6", "PyQt5", "PySide6", "PySide2", "vispy", "superqt"}
@@ -103,8 +103,8 @@ def test_child_failure_is_reported(tmp_path):
 
 
 def test_backend_imports_no_gui_toolkit():
-    code = ("import sys; import training_backend.trainer, training_backend.process, "
-            "training_backend.inference, training_backend.data, training_backend.cli; "
+    code = ("import sys; import training_backend.learning.trainer, training_backend.jobs.process, "
+            "training_backend.learning.inference, training_backend.learning.data, training_backend.cli; "
             "training_backend.cli.build_parser(); "
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(GUI_MODULES)!r}); "
             "assert not bad, bad")
@@ -122,8 +122,8 @@ def test_poll_before_start_and_after_close_is_empty(tiny_project):
 
 
 def test_process_module_is_light_for_the_gui():
-    """The GUI imports `training_backend.process` (and events) without pulling in torch."""
-    code = ("import sys; import training_backend.process, training_backend.events; "
+    """The GUI imports `training_backend.jobs.process` (and events) without pulling in torch."""
+    code = ("import sys; import training_backend.jobs.process, training_backend.events; "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'monai', 'zarr'}); "
             "assert not heavy, heavy")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

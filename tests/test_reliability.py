@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training_backend import store_index
+from training_backend.project import store_index
 from training_backend.errors import ConflictError, ProjectError, ReadOnlyError
-from training_backend.process import TrainerProcess
-from training_backend.store import Project
+from training_backend.jobs.process import TrainerProcess
+from training_backend.project.store import Project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_two_windows_a_stale_view_never_replaces_newer_work(tmp_path):
 
 
 def test_cli_import_while_a_window_holds_the_project(tmp_path):
-    from training_backend import io
+    from training_backend.project import io
     from training_backend.cli import main
 
     window = _project(tmp_path)
@@ -125,8 +125,8 @@ def test_cli_import_while_a_window_holds_the_project(tmp_path):
 
 
 def _tiny_trainer_config(**kw):
-    from training_backend.models import ModelConfig
-    from training_backend.trainer import TrainConfig
+    from training_backend.learning.models import ModelConfig
+    from training_backend.learning.trainer import TrainConfig
 
     base = dict(steps=100000, batch_size=2, image_size=16, model=ModelConfig(base=4, depth=2),
                 threads=1, validate_every=10 ** 6, predict=False, mc_samples=1)
@@ -151,7 +151,7 @@ def test_a_second_trainer_on_a_busy_project_is_refused(tiny_project):
         assert isinstance(tail[-1], Failed) and tail[-1].user_error, tail[-1]
         assert "already training" in tail[-1].message and "first" in tail[-1].message
         # the refusal is in the project too, for whoever follows "second" (a launched run)
-        from training_backend import runs
+        from training_backend.jobs import runs
 
         recorded = runs.read_events(runs.run_dir(tiny_project.path, "second") / runs.EVENTS_FILE)
         assert [type(e) for e in recorded] == [Failed] and "already training" in recorded[0].message
@@ -173,7 +173,7 @@ def test_a_full_disk_during_a_save_loses_nothing_and_says_so(tmp_path, monkeypat
         real(folder, data, chunks)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("training_backend.store.write_array", full)
+    monkeypatch.setattr("training_backend.project.store.write_array", full)
     with pytest.raises(ProjectError, match="No space left on device; nothing was changed"):
         p.save_annotation(cid, _mask(2), "full")
     monkeypatch.undo()
@@ -224,7 +224,7 @@ def test_next_open_removes_temporaries_of_dead_writers_only(tmp_path):
 def test_next_open_leaves_temporaries_written_on_another_machine(tmp_path):
     """On shared storage a pid means nothing on another machine: a trainer's temporaries
     written elsewhere stay (only their age removes them)."""
-    from training_backend.atomic import HOST_TAG, temporary_sibling, writer_gone
+    from training_backend.project.atomic import HOST_TAG, temporary_sibling, writer_gone
 
     p = _project(tmp_path)
     tmp = p.path / "store.zarr" / ".tmp"

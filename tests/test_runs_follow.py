@@ -11,13 +11,15 @@ import time
 
 import pytest
 
-from training_backend import events as ev, runs
-from training_backend.cli_train import config_from_args, register
+from training_backend import events as ev
+
+from training_backend.jobs import runs
+from training_backend.cli.train import config_from_args, register
 from training_backend.config import ModelConfig, TrainConfig
 from training_backend.errors import InputError
-from training_backend.launchers import (LaunchedRun, Launcher, load_launchers, save_launchers,
+from training_backend.jobs.launchers import (LaunchedRun, Launcher, load_launchers, save_launchers,
                                         train_args)
-from training_backend.store import Project
+from training_backend.project.store import Project
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = dict(image_size=32, batch_size=2, device="cpu", threads=1, model=ModelConfig(base=4),

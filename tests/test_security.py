@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from training_backend import checkpoints, export, importer, io
+from training_backend.learning import checkpoints
+
+from training_backend.project import export, importer, io
 from training_backend.cli import main
 from training_backend.errors import InputError
 from training_backend.events import Failed, Started
-from training_backend.models import ModelConfig
-from training_backend.process import TrainerProcess
-from training_backend.store import Project
-from training_backend.trainer import TrainConfig, run_training
+from training_backend.learning.models import ModelConfig
+from training_backend.jobs.process import TrainerProcess
+from training_backend.project.store import Project
+from training_backend.learning.trainer import TrainConfig, run_training
 
 
 def _malicious(path: Path) -> Path:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from training_backend import curves
-from training_backend.scribbles import BACKGROUND, brush_radius, synthetic_scribbles
+from training_backend.active import curves
+from training_backend.active.scribbles import BACKGROUND, brush_radius, synthetic_scribbles
 
 
 # ----------------------------------------------------------------------------- scribbles
@@ -123,7 +123,7 @@ def test_fraction_of_randoms_annotations_by_hand():
 
 
 def test_summary_table_says_plainly_which_strategies_do_not_beat_random():
-    from training_backend.sim_report import csv_text, summarise, summary_markdown
+    from training_backend.active.sim_report import csv_text, summarise, summary_markdown
 
     rows = [{"strategy": st, "seed": seed, "round": n // 10 - 1, "annotations": n, "full": n,
              "sparse": 0, "image_label": 0, "cost_s": n * 240.0, "dice": d,
@@ -148,7 +148,7 @@ def test_summary_table_says_plainly_which_strategies_do_not_beat_random():
 
 # ----------------------------------------------------------------------------- the loop
 def _config(tmp_path, source, **kw):
-    from training_backend.simulate import SimulationConfig
+    from training_backend.active.simulate import SimulationConfig
 
     base = dict(out=str(tmp_path / "sim"), project=str(source), strategies=["entropy"],
                 start=2, step=2, rounds=3, seeds=1, budget_s=None, steps=3, image_size=32,
@@ -164,8 +164,8 @@ def source(tmp_path):
 
 
 def test_a_killed_simulation_continues_without_duplicate_rows(tmp_path, source):
-    from training_backend.sim_report import load_rows
-    from training_backend.simulate import RoundDone, SimProgress, run_simulation, simulate
+    from training_backend.active.sim_report import load_rows
+    from training_backend.active.simulate import RoundDone, SimProgress, run_simulation, simulate
 
     index_before = (source / "index.json").read_bytes()
     cfg = _config(tmp_path, source)
@@ -205,7 +205,7 @@ def test_a_killed_simulation_continues_without_duplicate_rows(tmp_path, source):
 
 def test_other_settings_need_another_out_and_bad_options_are_one_line(tmp_path, source):
     from training_backend.errors import InputError, LesionsegError
-    from training_backend.simulate import simulate
+    from training_backend.active.simulate import simulate
 
     simulate(_config(tmp_path, source, rounds=1, peer=False))
     with pytest.raises(LesionsegError, match="differ in rounds"):
@@ -219,8 +219,8 @@ def test_other_settings_need_another_out_and_bad_options_are_one_line(tmp_path, 
 
 
 def test_scribble_and_label_sessions_reveal_what_they_say(tmp_path, source):
-    from training_backend.simulate import simulate
-    from training_backend.store import Project
+    from training_backend.active.simulate import simulate
+    from training_backend.project.store import Project
 
     simulate(_config(tmp_path / "s", source, annotate="scribble", rounds=2, peer=False,
                      keep_projects=True, candidates=3))
@@ -265,7 +265,7 @@ def test_quick_on_the_bundled_sample_writes_every_output(tmp_path, capsys):
 
 
 def test_diverse_cold_start_and_label_everything_mask_a_few(tmp_path, source):
-    from training_backend.simulate import diverse_cases, simulate
+    from training_backend.active.simulate import diverse_cases, simulate
 
     # three clear groups of cases: one pick from each
     rng = np.random.default_rng(0)

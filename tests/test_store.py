@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from training_backend.errors import InputError, ProjectError
-from training_backend.store import BACKGROUND, Project, mask_to_target
+from training_backend.project.store import BACKGROUND, Project, mask_to_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_readonly_and_concurrent_writers(project, tmp_path):
 _SAVER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, {root!r})
-    from training_backend.store import Project
+    from training_backend.project.store import Project
     p = Project.open({path!r})
     cid = p.case_ids()[0]
     i = len(p.case(cid).annotations)

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from training_backend.data import (Preprocessor, build_training_set, project_channels, resize_target,
+from training_backend.learning.data import (Preprocessor, build_training_set, project_channels, resize_target,
                                    select_validation)
 from training_backend.errors import InputError
 from training_backend.events import (CheckpointSaved, PredictionProgress, ValidationFolded, Failed, Finished, Loss, PredictionsReady,
                                      Progress, RoundFinished, Started, Validation)
-from training_backend.methods import METHODS
-from training_backend.models import ModelConfig
-from training_backend.store import BACKGROUND, Project
-from training_backend.trainer import TrainConfig, lr_factor, run_training, train
+from training_backend.learning.methods import METHODS
+from training_backend.learning.models import ModelConfig
+from training_backend.project.store import BACKGROUND, Project
+from training_backend.learning.trainer import TrainConfig, lr_factor, run_training, train
 
 TINY_MODEL = ModelConfig(base=4, depth=2, cam_levels=2)
 
@@ -105,7 +105,7 @@ def test_resize_target_keeps_scribbles_and_majority():
 
 
 def test_augmentation_flips_image_and_target_together():
-    from training_backend.data import augment_batch
+    from training_backend.learning.data import augment_batch
 
     target = torch.zeros(64, 8, 8, dtype=torch.int64)
     target[:, 1:3, 0:2] = 1  # a corner blob, flips move it to other corners
@@ -117,7 +117,7 @@ def test_augmentation_flips_image_and_target_together():
 
 
 def test_affine_augmentation_moves_image_and_target_together():
-    from training_backend.data import random_affine
+    from training_backend.learning.data import random_affine
 
     target = torch.full((16, 32, 32), -1, dtype=torch.int64)  # unlabelled ...
     target[:, 4:28, 4:28] = 0  # ... around a labelled background square ...

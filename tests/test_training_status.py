@@ -132,7 +132,7 @@ def test_trainer_panel_widgets_follow_the_status(make_napari_viewer, qtbot, tiny
     from napari_lesionseg._tasks import running_tasks
     from napari_lesionseg._widget import LesionWorkspace
 
-    monkeypatch.setattr("training_backend.process.TrainerProcess", FakeProcess)
+    monkeypatch.setattr("training_backend.jobs.process.TrainerProcess", FakeProcess)
     monkeypatch.setattr("napari_lesionseg._trainer_panel.show_info", lambda *_: None)
     FakeProcess.made.clear()
     viewer = make_napari_viewer()

@@ -27,8 +27,8 @@ SCENARIO = textwrap.dedent("""
     from qtpy.QtCore import QTimer
     from napari_lesionseg import _annotate_panel
     from napari_lesionseg._launch import open_workspace
-    from training_backend import io
-    from training_backend.sample import create_sample_project
+    from training_backend.project import io
+    from training_backend.project.sample import create_sample_project
 
     mode, path = sys.argv[1], sys.argv[2]
     create_sample_project(path)
@@ -140,8 +140,8 @@ def _show(ws, qtbot, cid):
 
 def test_two_windows_stale_autosave_is_refused_explicit_save_goes_on_top(workspace_on, qtbot,
                                                                           tmp_path):
-    from training_backend.sample import create_sample_project
-    from training_backend.store import Project
+    from training_backend.project.sample import create_sample_project
+    from training_backend.project.store import Project
 
     path = tmp_path / "p"
     create_sample_project(path, reference=True, hide_labels=True)
@@ -160,7 +160,7 @@ def test_two_windows_stale_autosave_is_refused_explicit_save_goes_on_top(workspa
 
 
 def test_read_only_project_folder_opens_for_looking(workspace_on, qtbot, tmp_path, monkeypatch):
-    from training_backend.sample import create_sample_project
+    from training_backend.project.sample import create_sample_project
 
     path = tmp_path / "p"
     create_sample_project(path)

@@ -7,7 +7,7 @@ imports torch), the CLI, the trainer process and the benchmarks all build the sa
 * `TrainConfig` — one training run (saved as the model's ``config.json``);
 * `Supervision`, `Option`, `MethodSpec` and `METHOD_CATALOG` — every built-in method's name,
   the annotations it learns from, its description and its options with defaults and help.
-  The method classes (``training_backend.methods``, which need torch) take these from here;
+  The method classes (``training_backend.learning.methods``, which need torch) take these from here;
   a contract test checks that the catalog and the registry agree;
 * `available_methods` — which methods a project's annotations can train.
 

@@ -1,0 +1,1 @@
+"""Learning: the tensor contract (Batch, Prediction), data snapshots and augmentation, networks, losses, the methods, the one training loop (single process or torchrun), checkpoints, inference and metrics."""

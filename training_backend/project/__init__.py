@@ -1,0 +1,1 @@
+"""The project store and file formats: the project folder (zarr arrays + JSON index, locking, atomic writes, records and label semantics, model outputs), the per-format readers and writers, import, export and the bundled sample. No torch."""
