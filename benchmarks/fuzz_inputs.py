@@ -662,7 +662,8 @@ def fuzz_cli(bench: Bench, tally: Tally, data) -> None:
     project = bench.project("cli", masks=True)
     folder = bench.folder()
     verb = data.draw(st.sampled_from(("import", "export", "info", "sample", "train", "predict",
-                                      "evaluate", "methods", "rank", "strategies", "gui")))
+                                      "evaluate", "methods", "rank", "strategies", "gui",
+                                      "simulate")))
     where = data.draw(st.sampled_from(("good project", "missing project", "broken project",
                                        "file as project")))
     if where == "good project":
@@ -694,6 +695,12 @@ def fuzz_cli(bench: Bench, tally: Tally, data) -> None:
                  ["--strategy", "kcenter"], []],
         "info": [["--json"], []], "sample": [[]], "methods": [["--json"]], "strategies": [["--json"]],
         "gui": [[]],
+        # every one of these must be refused before any training (a valid simulation is minutes)
+        "simulate": [["--rounds", "0"], ["--seeds", "0"], ["--start", "0"], ["--step", "-2"],
+                     ["--strategy", "nope"], ["--method", "nope"], ["--budget-s", "-1"],
+                     ["--cost", "mask=-5"], ["--cost", "paint"], ["--image-size", "3"],
+                     ["--eval-fraction", "1.5"], ["--candidates", "-1"], ["--annotate", "pixel"],
+                     ["--option", "x"], ["--set", "nope=1"]],
     }
     extra = list(data.draw(st.sampled_from(bad_values[verb])))
     if "MALICIOUS" in extra:
@@ -713,6 +720,9 @@ def fuzz_cli(bench: Bench, tally: Tally, data) -> None:
     elif verb == "train":
         argv = [verb, "--project", str(ppath), "--steps", "2", "--image-size", "16",
                 "--batch-size", "2", "--base", "4", "--no-predict", "--threads", "1"] + extra
+    elif verb == "simulate":
+        argv = [verb, "--project", str(ppath), "--out", str(folder / "sim"), "--steps", "1",
+                "--rounds", "1", "--seeds", "1", "--no-peer", "--threads", "1"] + extra
     elif verb == "gui":  # only projects that do not open: a good one would start napari
         from training_backend.project.store import Project
 
@@ -749,8 +759,6 @@ def fuzz_cli(bench: Bench, tally: Tally, data) -> None:
         outcome, detail = ("accepted" if code == 0 else "rejected"), ""
     if verb == "train" and "../../escape" in extra and (project.path.parent / "escape").exists():
         outcome, detail = "failure", "a model id wrote outside the project"
-    if verb == "train" and code == 0 and "--steps" in extra:
-        pass
     if outcome == "rejected" and where == "good project" and verb not in ("import", "train", "predict"):
         bad = _changed_on_reject(project, before, outcome)
         if bad:
