@@ -8,13 +8,21 @@ The sample project is created in ``--folder`` (default ``demo_project/``) if it 
 yet; with ``--reference`` the sample's masks and labels are hidden as a reference, so you start
 from unlabelled images (the active-learning workflow) and can score what you annotate. Then
 napari opens with the workspace docked and the first suggested case shown.
+
+With ``--screenshot`` it ends on a case with lesions (in its annotation, else its hidden
+reference): the one whose prediction overlaps them best (Dice over the lesion pixels, class by
+class), with the prediction (filled), the annotation (outlined) and the CAM of the class the
+prediction gets most right there shown, and says which case and why (`pick_lesion_case`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
@@ -59,6 +67,94 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Showcase:
+    """The case the demo ends on, and why.
+
+    Args:
+        case_id, name: the case.
+        source: where its lesions come from ("annotation" or "reference").
+        lesion_px: its lesion pixels (any class).
+        predicted_px: its pixels the prediction gives a lesion class.
+        dice: Dice of the prediction against the lesions, class by class (pixels of the right
+            class count as overlap).
+        top_class: 1-based lesion class whose CAM is shown: the one with the most pixels
+            predicted right, else the one with the most lesion pixels.
+        n_lesion_cases: cases with lesions the pick was made among.
+    """
+
+    case_id: str
+    name: str
+    source: str
+    lesion_px: int
+    predicted_px: int
+    dice: float
+    top_class: int
+    n_lesion_cases: int
+
+    def reason(self) -> str:
+        """One line for the demo's output."""
+        among = f"of the {self.n_lesion_cases} cases with lesions"
+        if self.dice > 0:
+            why = f"its prediction overlaps them best {among} (Dice {self.dice:.2f})"
+        else:
+            why = (f"no prediction overlaps a lesion yet, so the case with the most lesion "
+                   f"pixels {among}")
+        return (f"{self.name} ({self.case_id}): {self.lesion_px} lesion pixels in its "
+                f"{self.source}, {self.predicted_px} predicted; {why}")
+
+
+def lesion_truth(project, cid: str) -> tuple[np.ndarray, str] | None:
+    """A case's lesion mask and where it comes from: its latest annotation (scribbles count
+    by their painted lesion pixels), else its hidden reference; None when it has neither.
+
+    Args:
+        project: the open project.
+        cid: the case id.
+    """
+    from training_backend.project.store import BACKGROUND
+
+    found = project.read_annotation(cid)
+    if found is not None:
+        mask = np.asarray(found[0])
+        return np.where(mask == BACKGROUND, 0, mask), "annotation"
+    ref = project.read_reference(cid)
+    return None if ref is None else (np.asarray(ref), "reference")
+
+
+def pick_lesion_case(project) -> Showcase | None:
+    """The case to end the demo on: among the cases whose annotation (or reference) has lesion
+    pixels, the one with the best Dice of its latest prediction against them; ties (e.g. no
+    prediction overlaps anything) go to the case with more lesion pixels. None: no case has
+    lesions.
+
+    Args:
+        project: the open project (its outputs re-read first).
+    """
+    project.refresh()
+    scored: list[tuple[float, int, str, str, int, int]] = []
+    for cid in project.case_ids():
+        found = lesion_truth(project, cid)
+        if found is None:
+            continue
+        truth, source = found
+        lesion = truth > 0
+        n = int(lesion.sum())
+        if n == 0:
+            continue
+        outputs = project.read_outputs(cid)
+        pred = np.zeros_like(truth) if outputs is None else np.asarray(outputs.pred)
+        hit = int((lesion & (pred == truth)).sum())
+        n_pred = int((pred > 0).sum())
+        hits = np.bincount(truth[lesion & (pred == truth)].ravel(), minlength=2)
+        top = int(hits.argmax() if hits[1:].any() else np.bincount(truth[lesion].ravel()).argmax())
+        scored.append((2.0 * hit / (n + n_pred), n, cid, source, n_pred, top))
+    if not scored:
+        return None
+    dice, n, cid, source, n_pred, top = max(scored, key=lambda s: (s[0], s[1]))
+    return Showcase(cid, project.case(cid).name, source, n, n_pred, dice, top, len(scored))
+
+
 def _headless_loop(viewer, workspace, shot: Path, train_s: float) -> int:
     """What a user does with the mouse, driven through the same widgets: train in the trainer
     process, look at the next suggested case with its prediction, CAM and uncertainty, export."""
@@ -94,10 +190,7 @@ def _headless_loop(viewer, workspace, shot: Path, train_s: float) -> int:
             status = 1
         print(f"demo: trainer done after {time.monotonic() - t0:.0f} s: {trainer.status_text()}",
               flush=True)
-        workspace.cases_panel.next_case()   # the case the ranking suggests annotating next
-        wait_until(lambda: ann.layers.get("prediction") is not None, 30)
-        ann.show_model_layers(prediction=True, cam=True, uncertainty=False)
-        wait_until(lambda: False, 1.0)
+    _show_lesion_case(workspace, wait_until)
     export = workspace.export_panel
     out_root = Path(workspace.project.path) / "export"
     for source in ("annotation", "prediction") if train_s > 0 else ("annotation",):
@@ -116,6 +209,38 @@ def _headless_loop(viewer, workspace, shot: Path, train_s: float) -> int:
     workspace.shutdown()
     viewer.close()
     return status
+
+
+def _show_lesion_case(workspace, wait_until) -> None:
+    """End on the case `pick_lesion_case` chooses, with its prediction, annotation and CAM."""
+    ann = workspace.annotate_panel
+    pick = pick_lesion_case(workspace.project)
+    if pick is None:
+        print("demo: no case has lesions in its annotation or reference; showing the case "
+              "the ranking suggests", flush=True)
+        workspace.cases_panel.next_case()
+    else:
+        print(f"demo: showing {pick.reason()}", flush=True)
+        workspace.go_to(pick.case_id)
+    project = workspace.project
+    wait_until(lambda: ann.shown_case is not None and ann.shown_case == workspace.state.case_id
+               and (ann.shown_output_id is not None
+                    or project.output_record(ann.shown_case) is None), 30)
+    if pick is not None:
+        ann.select_paint_class(pick.top_class)  # the CAM shown is the paint class's
+    ann.show_model_layers(prediction=True, cam=True, uncertainty=False)
+    # one picture of both: the prediction filled, the annotation as outlines on top of it
+    prediction, annotation = ann.layers.get("prediction"), ann.layers.get("annotation")
+    if prediction is not None:
+        prediction.contour = 0
+    if annotation is not None:
+        annotation.visible = True
+        annotation.contour = 1
+        annotation.opacity = 1.0
+    print("demo: prediction filled, annotation outlined, CAM of "
+          f"{project.classes[pick.top_class - 1] if pick else 'the paint class'} as a heat map",
+          flush=True)
+    wait_until(lambda: False, 1.0)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from superqt import QCollapsible
 from training_backend.config import METHOD_CATALOG, MethodSpec, TrainConfig, available_methods
 from training_backend.active.curves import model_points
 from training_backend.jobs.launchers import Launcher, LaunchedRun, load_launchers, save_launchers
-from training_backend.jobs.runs import RunFollower, list_runs, new_model_id
+from training_backend.jobs.runs import RunFollower, list_runs, new_model_id, request_focus
 
 from napari_lesionseg import _status as st
 from napari_lesionseg._plot import LearningCurve, RunCurve
@@ -173,6 +173,7 @@ class TrainerPanel(QWidget):
         state.project_changed.connect(self._on_project)
         state.cases_changed.connect(self._update_methods)
         state.case_updated.connect(self._on_labels_saved)
+        state.case_changed.connect(self._send_focus)
         self._on_project(state.project)
 
     # ------------------------------------------------------------------ widgets
@@ -717,6 +718,7 @@ class TrainerPanel(QWidget):
         self.status.apply(event)
         if isinstance(event, ev.Started):
             self._started_seen = True
+            self._send_focus()  # the case on screen may not be the one shown at Start
         elif isinstance(event, ev.Finished):
             show_info(f"Training {event.model_id} finished ({event.reason}, step {event.step})")
             self._finish_run()
@@ -728,6 +730,18 @@ class TrainerPanel(QWidget):
             if event.traceback and not getattr(event, "user_error", False):
                 logger.error("lesionseg trainer failed:\n%s", event.traceback)
             self._finish_run()
+
+    def _send_focus(self, *_args) -> None:
+        """Tell the run on show which case is on screen: after its round it predicts that
+        case first, even one opened while it predicts (`runs.request_focus`, through the
+        project, so a run elsewhere hears it too)."""
+        project, cid, mid = self.state.project, self.state.case_id, self.status.model_id
+        if self.process is None or project is None or not cid or not mid:
+            return
+        try:
+            request_focus(project.path, mid, [cid])
+        except OSError as exc:  # a read-only project: the run keeps the order it started with
+            logger.debug("lesionseg: focus not sent to %s: %s", mid, exc)
 
     def status_text(self) -> str:
         """The panel's status and metrics lines, as the user reads them."""

@@ -16,6 +16,9 @@ beside the project's data, so whoever can read the project can follow it and sto
 * ``stop.json`` — a stop request (`request_stop`). The trainer looks for it at most every
   `STOP_POLL_S` seconds and stops as the Stop button does (checkpoint, model registered); it
   removes the request when it has acted on it.
+* ``focus.json`` — the cases on screen in a window that shows the run (`request_focus`): when
+  the trainer predicts after a round it takes them first, before the cases it was started with,
+  and a case put here while it predicts jumps the queue. Removed when the run ends.
 
 This module imports neither torch nor Qt: the window uses it directly.
 """
@@ -43,6 +46,7 @@ RUNS_DIR = "runs"
 EVENTS_FILE = "events.jsonl"
 HEARTBEAT_FILE = "heartbeat.json"
 STOP_FILE = "stop.json"
+FOCUS_FILE = "focus.json"
 #: Seconds between two heartbeats.
 HEARTBEAT_S = 2.0
 #: A heartbeat older than this (seconds) belongs to a trainer that is gone.
@@ -85,6 +89,37 @@ def request_stop(project_path: str | os.PathLike, model_id: str, by: str = "") -
     path = folder / STOP_FILE
     atomic_write_json(path, {"time": now_iso(), "host": socket.gethostname(), "by": by})
     return path
+
+
+def request_focus(project_path: str | os.PathLike, model_id: str,
+                  case_ids: list[str] | tuple[str, ...]) -> Path:
+    """Ask the trainer of ``model_id`` to predict ``case_ids`` first (the case on screen),
+    replacing an earlier request.
+
+    Args:
+        project_path: the project folder.
+        model_id: the run.
+        case_ids: the cases, most urgent first.
+    """
+    folder = run_dir(project_path, model_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FOCUS_FILE
+    atomic_write_json(path, {"case_ids": [str(c) for c in case_ids], "time": now_iso()})
+    return path
+
+
+def read_focus(folder: str | os.PathLike) -> list[str]:
+    """The cases `request_focus` asked for in a run folder ([] without a readable request).
+
+    Args:
+        folder: ``P/runs/<model id>``.
+    """
+    try:
+        data = json.loads((Path(folder) / FOCUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    ids = data.get("case_ids") if isinstance(data, dict) else None
+    return [str(c) for c in ids] if isinstance(ids, list) else []
 
 
 def record_failure(project_path: str | os.PathLike, model_id: str | None, event: ev.Event,
@@ -140,6 +175,8 @@ class RunWriter:
         self._beat = 0
         self._next_stop_look = 0.0
         self._stop_seen = False
+        self._focus_key: tuple | None = None
+        self._focus: list[str] = []
         self._info = {"model_id": model_id, "host": socket.gethostname(), "pid": os.getpid(),
                       "world_size": int(world_size), "resume": bool(resume), "started": now_iso()}
         path = self.folder / EVENTS_FILE
@@ -187,14 +224,29 @@ class RunWriter:
             self._stop_seen = (self.folder / STOP_FILE).exists()
         return self._stop_seen
 
+    def focus(self) -> list[str]:
+        """The cases a window asked to have predicted first (`request_focus`); the file is
+        read again only when it changed (each request is a new file: `atomic_write_json`)."""
+        try:
+            st = (self.folder / FOCUS_FILE).stat()
+            key: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key != self._focus_key:
+            self._focus_key = key
+            self._focus = read_focus(self.folder) if key else []
+        return list(self._focus)
+
     def close(self) -> None:
-        """Stop the heartbeat and remove it (the run is over); consume an acted-on stop request."""
+        """Stop the heartbeat and remove it (the run is over); consume an acted-on stop request
+        and the focus request."""
         if self._fh.closed:
             return
         self._done.set()
         self._thread.join(timeout=2 * HEARTBEAT_S)
         self._fh.close()
         (self.folder / HEARTBEAT_FILE).unlink(missing_ok=True)
+        (self.folder / FOCUS_FILE).unlink(missing_ok=True)
         if self._stop_seen:
             (self.folder / STOP_FILE).unlink(missing_ok=True)
 
@@ -488,7 +540,7 @@ class RunFollower:
 
 
 __all__ = ["RUNS_DIR", "HEARTBEAT_S", "STALE_S", "STOP_POLL_S", "run_dir", "new_model_id",
-           "request_stop", "record_failure", "RunWriter", "read_records", "last_attempt_offset", "read_events",
+           "request_stop", "request_focus", "read_focus", "record_failure", "RunWriter", "read_records", "last_attempt_offset", "read_events",
            "read_heartbeat", "RunInfo", "run_info", "list_runs", "RunFollower"]
 
 

@@ -313,7 +313,8 @@ def iter_predictions(project: Project, method_or_checkpoint, case_ids: Sequence[
                      mc_samples: int | None = None, image_size: int | None = None,
                      channels: int | None = None, device: str | torch.device = "auto",
                      model_id: str | None = None, working_size: int | None = None,
-                     cancel: Callable[[], bool] | None = None) -> Iterator[CasePredicted]:
+                     cancel: Callable[[], bool] | None = None,
+                     first: Callable[[], Sequence[str]] | None = None) -> Iterator[CasePredicted]:
     """Predict cases and write their outputs to the store, yielding progress per case.
 
     Args:
@@ -328,6 +329,8 @@ def iter_predictions(project: Project, method_or_checkpoint, case_ids: Sequence[
         model_id: recorded with the outputs (default: from the checkpoint).
         working_size: predict at this side (sliding window when above ``image_size``).
         cancel: polled before each case; True stops early.
+        first: polled before each case; the cases it names that are still to do are done
+            next, in its order (the case a user has on screen jumps the queue).
     """
     if isinstance(device, str):
         device = resolve_device(device)
@@ -352,15 +355,22 @@ def iter_predictions(project: Project, method_or_checkpoint, case_ids: Sequence[
     # passed in is left untouched)
     method = method.inference_copy()
     project.refresh()
-    ids = list(project.case_ids() if case_ids is None else case_ids)
-    for i, cid in enumerate(ids, 1):
+    todo = list(dict.fromkeys(project.case_ids() if case_ids is None else case_ids))
+    total = len(todo)
+    for i in range(1, total + 1):
         if cancel is not None and cancel():
             return
+        if first is not None:
+            urgent = [c for c in dict.fromkeys(first()) if c in todo]
+            if urgent:
+                moved = set(urgent)
+                todo = urgent + [c for c in todo if c not in moved]
+        cid = todo.pop(0)
         out = predict_image(method, project.read_image(cid), channels, image_size, mc_samples,
                             device, working_size, image_classes)
         output_id = project.write_outputs(cid, model_id, out["pred"], out["prob"], out["cam"],
                                           out["uncertainty"], out["scores"], out["features"])
-        yield CasePredicted(i, len(ids), cid, output_id)
+        yield CasePredicted(i, total, cid, output_id)
 
 
 def predict_project(project: Project, method_or_checkpoint, case_ids: Sequence[str] | None = None,

@@ -47,8 +47,8 @@ from training_backend.project.store import Project
 KEEP_CHECKPOINTS = 3
 #: Minimum seconds between two Progress/Loss events (the first and last step always report).
 REPORT_EVERY_S = 0.5
-#: Most seconds between two PredictionsReady events while predicting (the first case is
-#: announced alone, at once).
+#: Most seconds between two PredictionsReady events while predicting (the first case, and a
+#: case on screen in a window showing the run, are announced at once).
 PREDICTIONS_EVERY_S = 2.0
 
 
@@ -400,12 +400,18 @@ class _Run:
         curve never pairs a Dice with an annotation count it was not measured at."""
         return self.val_dice if self.val_round == self.round else None
 
+    def focus(self) -> list[str]:
+        """The cases a window showing this run has on screen now (`runs.request_focus`)."""
+        return self.log.focus() if self.log is not None else []
+
     def prediction_order(self) -> list[str]:
-        """Every case, ``predict_first`` (those that exist) first, then the rest in order."""
+        """Every case: those on screen in a window showing the run (`focus`), then
+        ``predict_first`` (those that exist), then the rest in order."""
         self.project.refresh()
         ids = self.project.case_ids()
         known = set(ids)
-        first = list(dict.fromkeys(c for c in self.cfg.predict_first if c in known))
+        first = list(dict.fromkeys(c for c in [*self.focus(), *self.cfg.predict_first]
+                                   if c in known))
         chosen = set(first)
         return first + [c for c in ids if c not in chosen]
 
@@ -418,10 +424,12 @@ class _Run:
         for item in iter_predictions(self.project, self.method, order,
                                      image_size=self.cfg.image_size, channels=self.channels,
                                      mc_samples=self.cfg.mc_samples, device=self.device,
-                                     model_id=self.model_id, cancel=self.cancel):
+                                     model_id=self.model_id, cancel=self.cancel,
+                                     first=self.focus):
             pending.append(item.case_id)
             now = time.monotonic()
-            if item.index == 1 or item.index == item.total or now - last >= PREDICTIONS_EVERY_S:
+            if (item.index == 1 or item.index == item.total or now - last >= PREDICTIONS_EVERY_S
+                    or item.case_id in self.focus()):  # the case on screen: announced at once
                 yield PredictionsReady(self.model_id, tuple(pending))
                 yield PredictionProgress(item.index, item.total, now - t0)
                 pending, last = [], now
