@@ -261,9 +261,8 @@ def write_report(out: str | os.PathLike, rows: Sequence[dict], meta: dict) -> li
     files = [plot(rows, out / "dice_vs_annotations.png", "annotations",
                   f"Dice against annotated cases ({what})"),
              plot(rows, out / "dice_vs_time.png", "time",
-                  f"Dice against estimated annotation time ({what}; s per case: "
-                  + ", ".join(f"{curves.KIND_LABELS[k]} {v:g}" for k, v in (cfg.get("costs") or {}).items())
-                  + ")")]
+                  f"Dice against estimated annotation time ({what})\nseconds per case: "
+                  + ", ".join(f"{curves.KIND_LABELS[k]} {v:g}" for k, v in (cfg.get("costs") or {}).items()))]
     summary = summarise(rows)
     atomic_write_json(out / "summary.json", summary)
     text = summary_markdown(summary, meta)
