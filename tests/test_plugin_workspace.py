@@ -231,7 +231,7 @@ def test_next_case_follows_the_ranking_and_previous_goes_back(workspace, qtbot, 
     ws.open_project(sample_project)
     cases = ws.cases_panel
     assert cases.row_count() == len(ids)
-    assert ws.state.strategy == "burden_disagreement"   # the default: it points at failures
+    assert ws.state.strategy == "tta_variance"   # the default: it saved the most masks
     cases.set_strategy("entropy")                      # the fake outputs score entropy
     visited = []
     for step in range(3):

@@ -248,17 +248,17 @@ def test_quick_on_the_bundled_sample_writes_every_output(tmp_path, capsys):
     assert main(["simulate", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert "| random |" in printed.out and "| peer |" in printed.out
-    assert "burden_disagreement seed 1 round 2" in printed.err  # a line per round (no terminal)
+    assert "tta_variance seed 1 round 2" in printed.err  # a line per round (no terminal)
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     # 2 seeds × (random + the default strategy + the peer) × 3 rounds
     assert len(rows) == 18
-    assert {r["strategy"] for r in rows} == {"random", "burden_disagreement", "peer"}
+    assert {r["strategy"] for r in rows} == {"random", "tta_variance", "peer"}
     assert {r["dice_HE"] != "" for r in rows} == {True}
     for name in ("dice_vs_annotations.png", "dice_vs_time.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["strategies"]) == {"random", "burden_disagreement", "peer"}
+    assert set(summary["strategies"]) == {"random", "tta_variance", "peer"}
     # a second run finds everything done and only rewrites the report
     assert main(["simulate", "--quick", "--out", str(out)]) == 0
     assert "0 done before" not in capsys.readouterr().err

@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "without a prediction come after the scored ones.")
     p.add_argument("--project", required=True, help="project folder")
     p.add_argument("--strategy", default=acquisition.DEFAULT_STRATEGY, metavar="NAME",
-                   help=f"acquisition strategy (default: {acquisition.DEFAULT_STRATEGY}, the one that points "
-                   "at the model's failures best on BUSI); see `lesionseg strategies`")
+                   help=f"acquisition strategy (default: {acquisition.DEFAULT_STRATEGY}, the one that saved "
+                   "the most masks in simulated BUSI sessions); see `lesionseg strategies`")
     p.add_argument("-k", type=int, default=10, help="how many cases to propose (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed for random choices (default: 0)")
     p.add_argument("--include-annotated", action="store_true",
