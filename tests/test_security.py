@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +38,18 @@ def _malicious(path: Path) -> Path:
     return path
 
 
-def test_the_crafted_checkpoint_would_run_code_without_weights_only(tmp_path):
+def test_the_crafted_checkpoint_calls_os_system_when_unpickled(tmp_path):
+    """The file is really hostile: its pickle names ``os.system`` as a callable (read with
+    pickletools, without running it), which any loader without ``weights_only`` would call."""
     evil = _malicious(tmp_path / "evil.pt")
-    torch.load(evil, weights_only=False)  # what an unsafe loader would do
-    assert (tmp_path / "PWNED").exists()
+    with zipfile.ZipFile(evil) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        ops = list(pickletools.genops(archive.read(name)))
+    names = [str(arg) for op, arg, _pos in ops if op.name in ("GLOBAL", "SHORT_BINUNICODE",
+                                                               "BINUNICODE", "UNICODE")]
+    assert f"{os.system.__module__} system" in names or {os.system.__module__, "system"} <= set(names)
+    assert any(op.name == "REDUCE" for op, _arg, _pos in ops)
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_every_loader_refuses_a_malicious_checkpoint(tiny_project, tmp_path, capsys):
