@@ -335,7 +335,10 @@ class MaskEditor(QWidget):
         project, cid = self.state.project, self.cid
         if project is None or cid is None:
             return
-        self.save_now()
+        # the paint on screen is saved on top first (a refused or failed save stops the undo:
+        # reverting then would throw the paint away, or revert somebody else's newer version)
+        if self.is_dirty() and self.save_now(force=True) is None:
+            return
         try:
             av = project.revert_annotation(cid, author=self.state.user)
         except Exception as exc:  # noqa: BLE001 - shown to the user; nothing was changed

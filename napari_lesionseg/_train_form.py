@@ -95,6 +95,9 @@ def field_widget(name: str):
     if name == "budget_s":  # whole seconds; 0 reads "none"
         widget.native.setDecimals(0)
         widget.native.setSpecialValueText("none")
+    elif name == "lr":  # the step's 4 decimals would round 3e-5 to 0
+        widget.native.setDecimals(6)
+        widget.value = _shown_default(name)
     return widget
 
 

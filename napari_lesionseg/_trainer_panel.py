@@ -42,10 +42,11 @@ from training_backend.config import METHOD_CATALOG, MethodSpec, TrainConfig, ava
 from training_backend.active.curves import model_points
 from training_backend.jobs.launchers import Launcher, LaunchedRun, load_launchers, save_launchers
 from training_backend.jobs.runs import RunFollower, list_runs, new_model_id, request_focus
+from training_backend.errors import InputError
 
 from napari_lesionseg import _status as st
 from napari_lesionseg._plot import LearningCurve, RunCurve
-from napari_lesionseg._tasks import guarded, logger
+from napari_lesionseg._tasks import error_message, guarded, logger
 from napari_lesionseg._train_form import (
     MAIN_FIELDS,
     MORE_FIELDS,
@@ -496,7 +497,11 @@ class TrainerPanel(QWidget):
         self.state.reload_index()
         from training_backend.jobs.process import TrainerProcess
 
-        cfg = self.settings(auto=auto)
+        try:
+            cfg = self.settings(auto=auto)
+        except InputError as exc:  # a setting the trainer would refuse: said, nothing started
+            show_error(error_message(exc))
+            return False
         launcher = self.launcher()
         try:
             if launcher is None:
@@ -645,7 +650,15 @@ class TrainerPanel(QWidget):
                 self.status.update(state=st.IDLE, message=f"no longer following "
                                    f"{self.status.model_id or 'the run'}; it goes on where it runs")
                 return
-            proc.cancel()
+            try:
+                proc.cancel()  # a stop request written into the project
+            except OSError as exc:  # a read-only or unreachable project: detach instead
+                show_error(f"{self.state.project.path}: cannot ask the run to stop ({exc}); "
+                           "stop it where it runs")
+                proc.kill()
+                self._finish_run()
+                self.status.update(state=st.IDLE, message="no longer following the run")
+                return
             self._cancel_sent = True
             self._stop_btn.setText("Detach")
             self.status.state = st.STOPPING
@@ -736,7 +749,7 @@ class TrainerPanel(QWidget):
         case first, even one opened while it predicts (`runs.request_focus`, through the
         project, so a run elsewhere hears it too)."""
         project, cid, mid = self.state.project, self.state.case_id, self.status.model_id
-        if self.process is None or project is None or not cid or not mid:
+        if self.process is None or project is None or not cid or not mid or project.mode != "r+":
             return
         try:
             request_focus(project.path, mid, [cid])

@@ -149,6 +149,9 @@ def test_trainer_panel_widgets_follow_the_status(make_napari_viewer, qtbot, tiny
             defaults.image_size, defaults.batch_size, defaults.lr, defaults.device, None)
         assert cfg.budget_s == WINDOW_BUDGET_S and cfg.method_options == {}
         assert trainer.more_form.batch_size.tooltip == config_help()["batch_size"]
+        trainer.more_form.lr.value = 3e-5           # a small rate survives the spin box
+        assert trainer.settings().lr == pytest.approx(3e-5)
+        trainer.more_form.lr.value = defaults.lr
         trainer.configure(method="cam")
         names = [w.name for w in trainer.options_form]
         assert names == list(METHOD_CATALOG["cam"].all_options())
