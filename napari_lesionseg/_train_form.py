@@ -20,9 +20,10 @@ from training_backend.config import DEVICES, METHOD_CATALOG, WINDOW_BUDGET_S, Op
 #: The fields always on view, in order.
 MAIN_FIELDS = ("method", "device", "budget_s", "steps", "image_size")
 #: The fields under "More settings" (with the method options).
-MORE_FIELDS = ("batch_size", "lr", "seed")
+MORE_FIELDS = ("batch_size", "crop_size", "lr", "seed")
 #: Labels where the field name is not one.
 LABELS = {"budget_s": "budget (s)", "image_size": "image size (px)", "batch_size": "batch size",
+          "crop_size": "crop (px)",
           "lr": "learning rate"}
 #: Form-only settings of a field's widget (ranges, steps); 0 stands for ``None`` in the fields
 #: whose default is ``None`` (``steps``: budget only; ``budget_s``: steps only).
@@ -31,11 +32,12 @@ WIDGET_OPTIONS: dict[str, dict[str, Any]] = {
     "steps": {"widget_type": "SpinBox", "min": 0, "max": 10_000_000},
     "image_size": {"widget_type": "SpinBox", "min": 16, "max": 2048, "step": 32},
     "batch_size": {"widget_type": "SpinBox", "min": 1, "max": 1024},
+    "crop_size": {"widget_type": "SpinBox", "min": 0, "max": 2048, "step": 32},
     "lr": {"widget_type": "FloatSpinBox", "min": 1e-6, "max": 1.0, "step": 1e-4},
     "seed": {"widget_type": "SpinBox", "min": 0, "max": 2**31 - 1},
 }
 #: Extra words for a field whose 0 means "none".
-ZERO_MEANS = {"budget_s": "0: steps only", "steps": "0: budget only"}
+ZERO_MEANS = {"budget_s": "0: steps only", "steps": "0: budget only", "crop_size": "0: whole images"}
 
 
 def config_help(cls: type = TrainConfig) -> dict[str, str]:

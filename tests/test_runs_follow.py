@@ -149,7 +149,7 @@ def test_train_args_give_the_config_back():
     cfg = TrainConfig(method="mean_teacher", method_options={"ema_decay": 0.9, "name": "x y",
                                                              "flag": "1"},
                       model=ModelConfig(base=8), steps=12, budget_s=30.5, batch_size=3,
-                      image_size=64, lr=3e-4, device="cuda", threads=2, seed=5, rounds=2,
+                      image_size=64, crop_size=32, lr=3e-4, device="cuda", threads=2, seed=5, rounds=2,
                       checkpoint_every_s=9.5, validate_every=7, fold_validation=0.1,
                       predict=False, mc_samples=2, predict_first=["c1", "c2"],
                       init_from="/p/models/a/latest.pt", model_id="mt-1")

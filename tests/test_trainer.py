@@ -43,7 +43,8 @@ def test_train_config_json_roundtrip_and_checks():
     assert TrainConfig.from_dict({**cfg.to_dict(), "from_the_future": 1}) == cfg
     assert TrainConfig().budget == 300.0 and TrainConfig(steps=5).budget is None
     for bad in ({"steps": 0}, {"lr": -1.0}, {"batch_size": 0}, {"rounds": 0},
-                {"model_id": "a/b"}, {"image_size": 8}):
+                {"model_id": "a/b"}, {"image_size": 8}, {"crop_size": 8},
+                {"image_size": 64, "crop_size": 96}, {"crop_size": 40.5}):
         with pytest.raises(InputError):
             TrainConfig(**bad)
 
@@ -130,6 +131,76 @@ def test_affine_augmentation_moves_image_and_target_together():
     moved = (tgt != target).flatten(1).any(1)
     assert moved.all()  # every image got its own transform
     assert len({tuple((t == 1).nonzero().float().mean(0).round().tolist()) for t in tgt}) > 8
+
+
+def _crop_batch_input():
+    """Four 32² cases: a full mask with class 1 in the top-left corner and class 2 in the
+    bottom-right one; a sparse mask with one class-1 stroke; a lesion-free image; a full mask."""
+    from training_backend.learning.contract import Batch
+
+    target = torch.zeros(4, 32, 32, dtype=torch.int64)
+    target[0, 0:2, 0:2] = 1
+    target[0, 30:32, 30:32] = 2
+    target[1] = -1
+    target[1, 2, 2:6] = 1  # a stroke of class 1, the rest unlabelled
+    target[3, 10:12, 10:12] = 1
+    image = target.float()[:, None].clone()  # the image shows its target, so crops can be compared
+    presence = torch.tensor([[1.0, 1.0], [1.0, -1.0], [0.0, 0.0], [1.0, 0.0]])
+    return Batch(image=image, target=target, has_mask=torch.tensor([True, True, False, True]),
+                 full=torch.tensor([True, False, False, True]),
+                 image_class=torch.tensor([2, 1, 0, 1]), presence=presence,
+                 unlabelled=torch.zeros(3, 1, 32, 32))
+
+
+def test_crops_follow_what_they_show():
+    from training_backend.learning.data import crop_batch
+
+    seen_both = set()
+    for seed in range(40):
+        b = crop_batch(_crop_batch_input(), 8, torch.Generator().manual_seed(seed))
+        assert b.image.shape == (4, 1, 8, 8) and b.target.shape == (4, 8, 8)
+        assert b.unlabelled.shape == (3, 1, 8, 8)
+        assert torch.equal(b.image[:, 0], b.target.float())  # image and target cut alike
+        assert (b.image_class == -1).all()  # a crop need not show what the image was graded by
+        # full masks: presence is exactly what the crop shows
+        for i in (0, 3):
+            shown = [bool((b.target[i] == k).any()) for k in (1, 2)]
+            assert b.presence[i].tolist() == [float(v) for v in shown]
+        seen_both.add(tuple(b.presence[0].tolist()))
+        # sparse mask: the stroke keeps "present", otherwise unknown; unknown stays unknown
+        stroke = bool((b.target[1] == 1).any())
+        assert b.presence[1].tolist() == [1.0 if stroke else -1.0, -1.0]
+        assert bool(b.has_mask[1]) == bool((b.target[1] >= 0).any())
+        assert b.presence[2].tolist() == [0.0, 0.0]  # a lesion-free image stays lesion-free
+    # the two lesions lie in opposite corners: a crop shows one or the other, never both
+    assert seen_both == {(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)}
+
+
+def test_half_the_crops_of_a_lesion_case_hold_a_lesion():
+    from training_backend.learning.data import CROP_LESION_SHARE, crop_batch
+
+    hits = 0
+    n = 400
+    for seed in range(n // 4):
+        b = crop_batch(_crop_batch_input(), 8, torch.Generator().manual_seed(1000 + seed))
+        hits += int((b.target[3] == 1).any())  # a 2×2 lesion: a uniform 8² crop shows it
+    # lesion-centred crops always show it; a uniform crop does when its corner (25 positions
+    # per axis) lies in 4..10 on both axes (rows/cols 10-11 inside): (7/25)² ≈ 0.08
+    uniform = (7 / 25) ** 2
+    expected = CROP_LESION_SHARE + (1 - CROP_LESION_SHARE) * uniform
+    assert abs(hits / (n // 4) - expected) < 0.12
+
+
+def test_training_on_crops_runs_and_predicts_whole_images(tiny_project):
+    events = collect(tiny_project.path, tiny_config(steps=4, image_size=32, crop_size=16,
+                                                   predict=True, model_id="crops"))
+    assert isinstance(events[-1], Finished) and events[-1].step == 4
+    ready = [e for e in events if isinstance(e, PredictionsReady)]
+    assert ready
+    project = Project.open(tiny_project.path)
+    case = next(iter(project.cases()))
+    out = project.read_outputs(case.id)
+    assert out.model_id == "crops" and out.pred.shape == project.read_image(case.id).shape[:2]
 
 
 def test_mixed_grey_and_rgb_follow_the_majority(tiny_project_factory):

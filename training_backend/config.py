@@ -118,6 +118,10 @@ class TrainConfig:
         batch_size: labelled images per step (methods using unlabelled images get half as many
             unlabelled ones on top).
         image_size: side of the square training images.
+        crop_size: train on random square crops of this side cut from the ``image_size``
+            images (None: whole images), for large images whose lesions are small (fundus);
+            half the crops of a case with lesion pixels are centred on one. Prediction and
+            validation always see the whole ``image_size`` image.
         lr, weight_decay: AdamW settings (linear warm-up, then cosine decay to 5 % of ``lr``).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         threads: CPU threads for torch (default: all cores).
@@ -144,6 +148,7 @@ class TrainConfig:
     budget_s: float | None = None
     batch_size: int = 8
     image_size: int = 128
+    crop_size: int | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-4
     device: str = "auto"
@@ -168,6 +173,9 @@ class TrainConfig:
             ("budget_s", self.budget_s is None or self.budget_s > 0, "must be > 0 seconds"),
             ("batch_size", int(self.batch_size) >= 1, "must be at least 1"),
             ("image_size", int(self.image_size) >= 16, "must be at least 16 pixels"),
+            ("crop_size", self.crop_size is None or (int(self.crop_size) == self.crop_size
+                                                     and 16 <= self.crop_size <= self.image_size),
+             "must be a whole number of pixels from 16 to image_size"),
             ("lr", self.lr > 0, "must be > 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("rounds", int(self.rounds) >= 1, "must be at least 1"),

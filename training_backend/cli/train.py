@@ -43,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--model-id", help="model name (default: <method>-<date>-<time>)")
     t.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     t.add_argument("--image-size", type=int, default=128, help="training image side in pixels (default: 128)")
+    t.add_argument("--crop-size", type=int, metavar="PX",
+                   help="train on random crops of this side cut from the image-size images, half "
+                        "of them centred on a lesion (for large images with small lesions; "
+                        "prediction sees the whole image; default: whole images)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 0.001)")
     t.add_argument("--rounds", type=int, default=1,
                    help="re-read the project's annotations this many times during the run (default: 1)")
@@ -232,7 +236,7 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         method=args.method, method_options=_parse_options(args.option), model=model,
         steps=args.steps, budget_s=args.budget_s, batch_size=args.batch_size,
-        image_size=args.image_size, lr=args.lr, device=args.device, threads=args.threads,
+        image_size=args.image_size, crop_size=args.crop_size, lr=args.lr, device=args.device, threads=args.threads,
         seed=args.seed, rounds=args.rounds, checkpoint_every_s=args.checkpoint_every_s,
         validate_every=args.validate_every, predict=not args.no_predict,
         **({} if args.fold_validation is None else {"fold_validation": args.fold_validation}),

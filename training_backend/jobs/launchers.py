@@ -88,6 +88,8 @@ def train_args(config: TrainConfig, project: str | os.PathLike, resume: bool = F
           "--validate-every", str(config.validate_every),
           "--fold-validation", repr(float(config.fold_validation)),
           "--mc-samples", str(config.mc_samples)]
+    if config.crop_size is not None:
+        a += ["--crop-size", str(int(config.crop_size))]
     if config.threads is not None:
         a += ["--threads", str(config.threads)]
     if config.model.base != ModelConfig().base:

@@ -327,7 +327,7 @@ class TrainingSet:
         return self
 
     def sample(self, batch_size: int, generator: torch.Generator, augment: bool = True,
-               unlabelled_size: int = 0) -> Batch:
+               unlabelled_size: int = 0, crop_size: int | None = None) -> Batch:
         """A random training batch (labelled mix + optional unlabelled images).
 
         Args:
@@ -337,6 +337,8 @@ class TrainingSet:
             augment: random flips and a small intensity jitter.
             unlabelled_size: unlabelled images to add (0: none; ``batch.unlabelled`` is None
                 too when the snapshot has no unlabelled case).
+            crop_size: cut a random square of this side from every (augmented) image
+                (`crop_batch`); None or ``image_size``: whole images.
         """
         if self.labelled.numel() == 0:
             raise ValueError("no labelled case to sample from")
@@ -353,15 +355,82 @@ class TrainingSet:
             unl = self.images[upick]  # (U, C, S, S)
             if augment:
                 unl, _ = augment_batch(unl, None, generator)
-        return Batch(image=image, target=target, has_mask=self.has_mask[pick], full=self.full[pick],
-                     image_class=self.image_class[pick], presence=self.presence[pick],
-                     unlabelled=unl)
+        batch = Batch(image=image, target=target, has_mask=self.has_mask[pick], full=self.full[pick],
+                      image_class=self.image_class[pick], presence=self.presence[pick],
+                      unlabelled=unl)
+        if crop_size is not None and int(crop_size) < self.image_size:
+            batch = crop_batch(batch, int(crop_size), generator)
+        return batch
 
     def validation_batches(self, batch_size: int = 8) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images (B, C, S, S), targets (B, S, S)) of the validation cases."""
         for start in range(0, self.val.numel(), batch_size):
             idx = self.val[start:start + batch_size].to(self.images.device)
             yield self.images[idx], self.targets[idx]
+
+
+#: Share of the crops of a case with lesion pixels that are centred on one of them.
+CROP_LESION_SHARE = 0.5
+
+
+def crop_batch(batch: Batch, size: int, generator: torch.Generator) -> Batch:
+    """Cut one random ``size``² square from each image of a batch (and its target).
+
+    A case whose target holds lesion pixels gets, with probability `CROP_LESION_SHARE`, a crop
+    centred on one of them: a lesion class is drawn uniformly among those present, then one of
+    its pixels (so a few-pixel class is seen as often as a large one); the other crops are
+    uniform. The image-level targets follow what the crop still shows:
+
+    * presence of a class is recomputed from a full mask (exact); from a sparse mask a crop that
+      shows a stroke of the class keeps "present", and otherwise a positive becomes unknown
+      (-1); a negative stays negative (a crop of a lesion-free image is lesion-free);
+    * the image class is unknown (-1): a crop need not show what the whole image was graded by;
+    * ``has_mask`` says whether the crop still holds an annotated pixel.
+
+    Unlabelled images get uniform crops.
+
+    Args:
+        batch: a batch of square images (B, C, S, S) with targets (B, S, S).
+        size: crop side in pixels (< S).
+        generator: CPU generator for the random draws.
+    """
+    b, s = batch.image.shape[0], batch.image.shape[-1]
+    target = batch.target.cpu()
+    r = torch.rand(b, 4, generator=generator)  # (B, 4): lesion-centred?, class, pixel, (spare)
+    tops, lefts = [], []
+    for i in range(b):
+        lesion = target[i] > 0  # (S, S)
+        centre = None
+        if bool(r[i, 0] < CROP_LESION_SHARE) and bool(lesion.any()):
+            present = torch.unique(target[i][lesion])  # lesion classes in this case
+            k = present[min(int(r[i, 1] * present.numel()), present.numel() - 1)]
+            ys, xs = torch.nonzero(target[i] == k, as_tuple=True)
+            j = min(int(r[i, 2] * ys.numel()), ys.numel() - 1)
+            centre = (int(ys[j]), int(xs[j]))
+        if centre is None:
+            top, left = torch.randint(0, s - size + 1, (2,), generator=generator).tolist()
+        else:
+            top = min(max(centre[0] - size // 2, 0), s - size)
+            left = min(max(centre[1] - size // 2, 0), s - size)
+        tops.append(top)
+        lefts.append(left)
+    image = torch.stack([batch.image[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(tops, lefts))])
+    tgt = torch.stack([batch.target[i, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(tops, lefts))])
+    k = batch.presence.shape[1]
+    shown = torch.stack([(tgt == c + 1).flatten(1).any(1) for c in range(k)], 1)  # (B, K)
+    presence = batch.presence.clone()
+    full = batch.full.view(b, 1).expand(b, k)
+    presence = torch.where(full, shown.to(presence.dtype), presence)
+    sparse_pos = (~full) & (presence > 0)
+    presence = torch.where(sparse_pos & ~shown, torch.full_like(presence, -1.0), presence)
+    unl = batch.unlabelled
+    if unl is not None:
+        corners = torch.randint(0, s - size + 1, (unl.shape[0], 2), generator=generator).tolist()
+        unl = torch.stack([unl[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(corners)])
+    return Batch(image=image.contiguous(), target=tgt.contiguous(),
+                 has_mask=(tgt >= 0).flatten(1).any(1), full=batch.full,
+                 image_class=torch.full_like(batch.image_class, -1), presence=presence,
+                 unlabelled=None if unl is None else unl.contiguous())
 
 
 def augment_batch(image: torch.Tensor, target: torch.Tensor | None, generator: torch.Generator,

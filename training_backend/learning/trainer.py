@@ -531,7 +531,8 @@ class _Run:
                 self.ts = self._snapshot()
                 yield ValidationFolded(self.step, n_val, self.val_dice)
 
-            batch = self.ts.sample(cfg.batch_size, self.generator, unlabelled_size=unl_size)
+            batch = self.ts.sample(cfg.batch_size, self.generator, unlabelled_size=unl_size,
+                                   crop_size=cfg.crop_size)
             lr = cfg.lr * lr_factor(self.step, frac, warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
