@@ -68,6 +68,7 @@ class MaskEditor(QWidget):
         self.confirm_empty = False
         self._preferred_kind = "sparse"
         self._connected: Labels | None = None
+        self._warned: tuple | None = None          # the last refused autosave's problem
         self.colormap = None
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
@@ -142,6 +143,7 @@ class MaskEditor(QWidget):
         self._baseline, self._baseline_kind, self._baseline_version = mask.copy(), kind, version
         self.pending_source = "manual"
         self.confirm_empty = False
+        self._warned = None
         layer = self.layers.show_annotation(mask.copy(), self.colormap)
         self._connect_layer(layer)
         self._set_kind_widgets(kind)
@@ -309,8 +311,9 @@ class MaskEditor(QWidget):
                                              parent=self._baseline_version, check_latest=True)
             except ConflictError as exc:
                 if not force:
-                    show_warning(f"{exc}: press Save now to save your edit on top (the other "
-                                 f"version stays in the history)")
+                    self._warn_once(("conflict", cid), show_warning,
+                                    f"{exc}: press Save now to save your edit on top (the other "
+                                    f"version stays in the history)")
                     self._status("NOT saved — a newer version was saved elsewhere")
                     return None
                 av = project.save_annotation(cid, mask, kind, author=self.state.user,
@@ -319,9 +322,14 @@ class MaskEditor(QWidget):
                 show_warning(f"{exc.args[0].split(';')[0]}; your edit is saved on top as "
                              f"v{av.version}, the other version stays in the history")
         except Exception as exc:  # noqa: BLE001 - shown to the user, the layer keeps the paint
-            show_error(error_message(exc))
+            message = error_message(exc)
+            if force:
+                show_error(message)
+            else:  # every paint pause autosaves: one message per case and problem, not one each
+                self._warn_once(("error", cid, message), show_error, message)
             self._status("NOT saved — see the error message")
             return None
+        self._warned = None
         self._baseline, self._baseline_kind, self._baseline_version = mask, kind, av.version
         self.pending_source = "manual"
         self.confirm_empty = False
@@ -329,6 +337,13 @@ class MaskEditor(QWidget):
         self._status(f"saved v{av.version} ({kind}) · {time.strftime('%H:%M:%S')}")
         self.state.labels_saved(cid)
         return av
+
+    def _warn_once(self, key: tuple, show, message: str) -> None:
+        """Show ``message`` unless the last refused autosave of this case had the same ``key``
+        (the status line keeps saying that the paint is not saved)."""
+        if key != self._warned:
+            show(message)
+        self._warned = key
 
     def undo_save(self) -> None:
         """Undo the last saved version (``Project.revert_annotation``) and show the result."""

@@ -139,7 +139,8 @@ def _show(ws, qtbot, cid):
 
 
 def test_two_windows_stale_autosave_is_refused_explicit_save_goes_on_top(workspace_on, qtbot,
-                                                                          tmp_path):
+                                                                          tmp_path, monkeypatch):
+    from napari_lesionseg import _mask_editor
     from training_backend.project.sample import create_sample_project
     from training_backend.project.store import Project
 
@@ -151,7 +152,12 @@ def test_two_windows_stale_autosave_is_refused_explicit_save_goes_on_top(workspa
     layer_b.data[0:4, 0:4] = 2
     assert b.annotate_panel.save_now().version == 1       # window B saves first
     layer_a.data[10:14, 10:14] = 1                        # window A still shows "no annotation"
-    assert a.annotate_panel.editor.save_now() is None     # its autosave is refused
+    shown = []
+    monkeypatch.setattr(_mask_editor, "show_warning", shown.append)
+    assert a.annotate_panel.editor.save_now() is None     # its autosave is refused ...
+    layer_a.data[20:24, 20:24] = 1
+    assert a.annotate_panel.editor.save_now() is None     # ... at every paint pause,
+    assert len(shown) == 1 and "saved meanwhile" in shown[0]  # with one message, not one each
     assert [av.version for av in Project.open(path).case(cid).annotations] == [1]
     av = a.annotate_panel.save_now()                      # Save now: on top, both kept
     assert av.version == 2
@@ -160,6 +166,7 @@ def test_two_windows_stale_autosave_is_refused_explicit_save_goes_on_top(workspa
 
 
 def test_read_only_project_folder_opens_for_looking(workspace_on, qtbot, tmp_path, monkeypatch):
+    from napari_lesionseg import _mask_editor
     from training_backend.project.sample import create_sample_project
 
     path = tmp_path / "p"
@@ -173,6 +180,14 @@ def test_read_only_project_folder_opens_for_looking(workspace_on, qtbot, tmp_pat
     layer = _show(ws, qtbot, cid)
     before = len(ws.project.case(cid).annotations)
     layer.data[0:4, 0:4] = 1
-    assert ws.annotate_panel.save_now() is None           # says "read-only", keeps the paint
+    errors = []
+    monkeypatch.setattr(_mask_editor, "show_error", errors.append)
+    for i in range(3):  # autosaves at three paint pauses: one message, the status says the rest
+        layer.data[i, 10] = 1
+        assert ws.annotate_panel.editor.save_now() is None
+        assert "NOT saved" in ws.annotate_panel._save_status.text()
+    assert len(errors) == 1 and "read-only" in errors[0]
+    assert ws.annotate_panel.save_now() is None           # Save now says it again, keeps the paint
+    assert len(errors) == 2
     assert "NOT saved" in ws.annotate_panel._save_status.text()
     assert len(ws.project.case(cid).annotations) == before
