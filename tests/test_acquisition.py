@@ -186,6 +186,25 @@ def test_kcenter_picks_far_apart_cases_and_avoids_near_duplicates(tmp_path):
     assert "most central" in wide[0].reason
 
 
+def test_kcenter_centres_are_the_masked_cases_a_session_took_out_of_the_pool(tmp_path):
+    """A case given scribbles (taken out of the candidates, as `simulate` does with revealed
+    cases) covers its neighbourhood like a full mask; an image label alone does not."""
+    from training_backend.active.acquisition import get_strategy
+
+    cases = [
+        {"name": "scribbled", "status": "sparse", "scores": 0.0, "features": _unit(0)},
+        {"name": "labelled", "status": "image", "scores": 0.0, "features": _unit(1)},
+        {"name": "near scribbled", "scores": 0.0, "features": _unit(0, eps=0.05)},
+        {"name": "near labelled", "scores": 0.0, "features": _unit(1, eps=0.05)},
+    ]
+    project, ids = _build(tmp_path / "p", cases)
+    pool = [ids["near scribbled"], ids["near labelled"]]
+    (first, score), = get_strategy("kcenter")(project, pool, 1)
+    # the one near the scribbled case is covered (distance ~0.05); the one near the labelled
+    # case is not (distance sqrt(2) to the scribbled centre)
+    assert first == ids["near labelled"] and score == pytest.approx(2 ** 0.5, abs=0.06)
+
+
 def test_features_are_read_once_per_output(tmp_path, monkeypatch):
     cases = [{"name": n, "scores": {"entropy": s}, "features": _unit(i)}
              for i, (n, s) in enumerate((("p", 0.9), ("q", 0.8), ("r", 0.5)))]

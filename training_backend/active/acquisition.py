@@ -451,10 +451,12 @@ def candidate_ids(project: Project, include_annotated: bool = False) -> list[str
 
 
 def _annotated_ids(project: Project, candidates: Sequence[str]) -> list[str]:
-    """Fully annotated training cases that are not candidates (the ``kcenter`` centres)."""
+    """Training cases with a mask (full, or scribbles) that are not candidates: the ``kcenter``
+    centres. An image label alone does not cover a case: in a project where every case is
+    labelled and a few are masked, the labels would otherwise cover everything."""
     cand = set(candidates)
     return [r.id for r in project.cases()
-            if r.status == "full" and r.split not in EXCLUDED_SPLITS and r.id not in cand]
+            if r.status in ("full", "sparse") and r.split not in EXCLUDED_SPLITS and r.id not in cand]
 
 
 def rank(project: Project, strategy: str | Strategy = DEFAULT_STRATEGY, k: int = 10,
