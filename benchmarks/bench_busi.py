@@ -31,6 +31,16 @@ split stays the same) and the table gives mean ± half the range.
 ``-o`` passes a method option, ``--set`` a training setting (a `TrainConfig` field, e.g.
 ``--set batch_size=16 --set fold_validation=0``); ``--tag`` names the variant in the table.
 
+``--pretrain-s S`` (or ``--pretrain-steps N``) first pretrains the encoder without labels
+(`training_backend.learning.pretrain`, masked image modelling) for S seconds on the training
+cases' images (never the holdout ones), at the runs' image size and network width, once: the
+images are the same in every scenario, so one pretraining (cached in ``OUT/pretrain-...``) is
+copied into each scenario project, and our runs start from it (``pretrained=auto``). The row
+records the pretraining (``pretrain``: seconds, steps, images, last loss) and which encoders
+started from it (``pretrained_networks``); ``--set pretrained=none`` gives the control with
+the same pretraining present but unused. Pretraining time is not part of a run's budget (the
+window pretrains while no training runs).
+
 It needs ../shared/data/busi (not shipped); without it, it says so and exits 0.
 Results are appended to bench_out/busi/results.jsonl and printed as a Markdown table.
 """
@@ -162,16 +172,57 @@ def train_baseline(project_path: Path, budget_s: float, image_size: int = 128, s
     return peer.predict, peer.steps
 
 
+# ------------------------------------------------------------------------------ pretraining
+def pretrained_encoder(base: Path, out: Path, seconds: float | None, steps: int | None,
+                       image_size: int = 128, width: int | None = None, seed: int = 0) -> Path:
+    """The encoder pretrained without labels on the base project's training images (the
+    holdout ones are never read), made once per setting in ``out/pretrain-...``; returns its
+    ``models/_pretrained`` folder (copied into each scenario project).
+
+    Args:
+        base: the base project (`base_project`).
+        out: the benchmark's output folder.
+        seconds, steps: the pretraining's budget (either or both).
+        image_size, width: the runs' image size and network width (``ModelConfig.base``).
+        seed: the pretraining's seed.
+    """
+    from training_backend.config import ModelConfig, PretrainConfig
+    from training_backend.jobs.pretrain_record import pretrained_dir, read_meta
+    from training_backend.learning.pretrain import pretrain
+
+    model = ModelConfig() if width is None else ModelConfig(base=int(width))
+    key = "-".join(["pretrain", *([f"{seconds:g}s"] if seconds else []),
+                    *([f"{steps}steps"] if steps else []), f"{image_size}px", f"base{model.base}",
+                    f"seed{seed}"])
+    dest = out / key
+    meta = read_meta(dest) if Project.is_project(dest) else None
+    if meta is None or not meta.get("done"):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(base, dest)
+        cfg = PretrainConfig(model=model, image_size=image_size, budget_s=seconds, steps=steps,
+                             seed=seed)
+        t = time.perf_counter()
+        done = pretrain(dest, cfg)
+        meta = read_meta(dest)
+        print(f"pretrained the encoder: {done.step} steps on {meta['images']} images in "
+              f"{time.perf_counter() - t:.0f} s (reconstruction loss {meta['loss']:.4f})", flush=True)
+    return pretrained_dir(dest)
+
+
 # ------------------------------------------------------------------------------ ours
-def train_ours(project_path: Path, method: str, budget_s: float, **overrides) -> int:
-    """Train with the product's trainer (no predictions); returns the steps taken."""
+def train_ours(project_path: Path, method: str, budget_s: float, events: list | None = None,
+               **overrides) -> int:
+    """Train with the product's trainer (no predictions); returns the steps taken
+    (``events``: a list that gets every event)."""
     from training_backend.learning.trainer import TrainConfig, run_training
 
     cfg = TrainConfig(method=method, budget_s=budget_s, predict=False, model_id=method, **overrides)
     steps = 0
     for ev in run_training(project_path, cfg):
         name = type(ev).__name__
-        if name in ("Finished", "Failed", "Started", "ValidationFolded"):
+        if events is not None:
+            events.append(ev)
+        if name in ("Finished", "Failed", "Started", "ValidationFolded", "PretrainedEncoder"):
             print(f"  {name}: {ev}", flush=True)
         if name == "Failed":
             raise RuntimeError(ev.message)
@@ -277,6 +328,11 @@ def main() -> int:
                     help="method option for our runs (repeatable), e.g. -o cam_hi=0.35")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                     help="training setting for our runs (repeatable), e.g. --set batch_size=16")
+    ap.add_argument("--pretrain-s", type=float, metavar="S",
+                    help="pretrain the encoder without labels for S seconds first (once, on the "
+                    "training images), and start our runs from it (module docstring)")
+    ap.add_argument("--pretrain-steps", type=int, metavar="N",
+                    help="the pretraining's steps (with --pretrain-s: whichever ends first)")
     args = ap.parse_args()
     options = dict(kv.split("=", 1) for kv in args.option)
     settings = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.settings)}
@@ -292,6 +348,16 @@ def main() -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     base = base_project(data, out)
+    pre_dir, pre_row = None, None
+    if args.pretrain_s or args.pretrain_steps:
+        from training_backend.jobs.pretrain_record import read_meta
+
+        pre_dir = pretrained_encoder(base, out, args.pretrain_s, args.pretrain_steps,
+                                     image_size=int(settings.get("image_size", 128)))
+        meta = read_meta(pre_dir.parent.parent)
+        pre_row = {"seconds": meta["elapsed_s"], "steps": meta["step"], "images": meta["images"],
+                   "loss": meta["loss"], "budget_s": args.pretrain_s,
+                   "budget_steps": args.pretrain_steps}
     rows = []
     for run in args.runs.split(","):
         if run != "baseline" and parse_run(run) is None:
@@ -300,7 +366,10 @@ def main() -> int:
         for seed in seeds:
             print(f"== {run} seed {seed} {args.tag} ({args.budget_s:.0f} s)", flush=True)
             path = out / run if args.score_only else scenario_project(base, out, run)
+            if pre_dir is not None and not args.score_only:
+                shutil.copytree(pre_dir, path / "models" / pre_dir.name)
             t = time.perf_counter()
+            events: list = []
             if args.score_only and run != "baseline":
                 method = parse_run(run)[0]
                 steps = int(Project.open(path).models()[method].get("step", 0))
@@ -314,7 +383,7 @@ def main() -> int:
                 if not args.score_only:
                     method = parse_run(run)[0]
                     steps = train_ours(path, method, args.budget_s, method_options=options,
-                                       seed=seed, **settings)
+                                       seed=seed, events=events, **settings)
                     predict, threshold, use_seg = predict_ours(path, method)
                 rules = {
                     "product": lambda s: threshold <= 0 or s["gate_evidence"][0] >= threshold,
@@ -336,6 +405,9 @@ def main() -> int:
                              for k, v in results.items() if k in rules or k == "product"},
                    "cases": results["cases"],
                    **({"options": options} if run != "baseline" and options else {}),
+                   "pretrain": pre_row if run != "baseline" else None,
+                   "pretrained_networks": next((list(e.networks) for e in events
+                                                if type(e).__name__ == "PretrainedEncoder"), []),
                    **({"settings": settings} if run != "baseline" and settings else {}),
                    "time": time.strftime("%Y-%m-%d %H:%M")}
             rows.append(row)
@@ -350,7 +422,9 @@ def print_table(rows: list[dict]) -> None:
     """Mean ± half the range over seeds, one line per (run, tag)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["run"], r.get("tag", "")), []).append(r)
+        pre = r.get("pretrain") if r.get("pretrained_networks") else None
+        label = f"pretrained {pre['steps']} steps" if pre else ""  # apart from the control
+        groups.setdefault((r["run"], " ".join(t for t in (r.get("tag", ""), label) if t)), []).append(r)
 
     def stat(values, digits=3):
         values = [v for v in values if v is not None]

@@ -9,10 +9,13 @@ yet; with ``--reference`` the sample's masks and labels are hidden as a referenc
 from unlabelled images (the active-learning workflow) and can score what you annotate. Then
 napari opens with the workspace docked and the first suggested case shown.
 
-With ``--screenshot`` it ends on a case with lesions (in its annotation, else its hidden
-reference): the one whose prediction overlaps them best (Dice over the lesion pixels, class by
-class), with the prediction (filled), the annotation (outlined) and the CAM of the class the
-prediction gets most right there shown, and says which case and why (`pick_lesion_case`).
+With ``--screenshot`` it trains for ``--train-s`` seconds in the trainer process, fine-tuning a
+starter model when one predicts the sample's lesion classes (``fundus-starter``, trained on
+IDRiD; `choose_start` says which it used, or why it trains from scratch), then ends on a case
+with lesions (in its annotation, else its hidden reference): the one whose prediction overlaps
+them best (Dice over the lesion pixels, class by class), with the prediction (filled), the
+annotation (outlined) and the CAM of the class the prediction gets most right there shown, and
+says which case and why (`pick_lesion_case`).
 """
 from __future__ import annotations
 
@@ -177,6 +180,7 @@ def _headless_loop(viewer, workspace, shot: Path, train_s: float) -> int:
     status = 0
     if train_s > 0:
         wait_until(lambda: bool(trainer.available_methods()), 60)
+        print(f"demo: {choose_start(trainer)}", flush=True)
         trainer.configure(budget_s=int(train_s), steps=0)
         t0 = time.monotonic()
         if not trainer.start():
@@ -209,6 +213,30 @@ def _headless_loop(viewer, workspace, shot: Path, train_s: float) -> int:
     workspace.shutdown()
     viewer.close()
     return status
+
+
+def choose_start(trainer) -> str:
+    """Start from a starter model when one predicts the project's lesion classes (the bundled
+    IDRiD sample fits ``fundus-starter``), else from scratch; returns the line that says which
+    and why.
+
+    Args:
+        trainer: the workspace's trainer panel.
+    """
+    control = trainer.start_from
+    names = control.starter_names()
+    if not names:
+        trainer.configure(start_from="scratch")
+        return f"training from scratch: {control.why_no_starter}"
+    trainer.configure(start_from=names[0])  # also its image size (and crops)
+    starter = control.starter()
+    settings = trainer.settings()
+    crop = f", crops of {settings.crop_size} px" if settings.crop_size else ""
+    return (f"fine-tuning the starter model {starter.name} (lesion classes "
+            f"{', '.join(starter.classes)}, as this project's; {starter.score_text()}) at "
+            f"{settings.image_size} px{crop}, instead of training from scratch (the sample's "
+            f"photographs come from IDRiD and most were among its training images: its scores "
+            f"on photographs it never saw are in its model card)")
 
 
 def _show_lesion_case(workspace, wait_until) -> None:

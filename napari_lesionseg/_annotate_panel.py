@@ -19,6 +19,9 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QGridLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from training_backend.errors import InputError
+from training_backend.learning.starters import fitting_starters, starter_checkpoint
+
 from napari_lesionseg import _layers
 from napari_lesionseg._label_box import ImageLabelBox
 from napari_lesionseg._layers import ANNOTATION
@@ -333,18 +336,30 @@ class AnnotatePanel(QWidget):
 
     def predict_case(self) -> bool:
         """Predict the case on screen with the project's latest model, in a child process (the
-        window never imports torch); its layers refresh when the outputs are written.
+        window never imports torch); its layers refresh when the outputs are written. A project
+        without a trained model is predicted by a starter model that fits its lesion classes
+        (`training_backend.learning.starters`), when one is installed.
 
         Returns:
-            False when there is no case or no trained model (the user is told), else True.
+            False when there is no case or no model, or the starter's model file does not
+            match its card (the user is told), else True.
         """
         project, cid = self.state.project, self._cid
         if project is None or cid is None or self._predicting:
             return False
+        model, with_what = None, "this case"
         if project.latest_model() is None:
-            show_info("No trained model yet — start a training first")
-            return False
-        self._save_status.setText("predicting this case …")
+            fit, why = fitting_starters(project.classes)
+            if not fit:
+                show_info(f"No trained model yet — start a training first ({why})")
+                return False
+            try:  # its model file against its card: a broken install is one clear line
+                model = str(starter_checkpoint(fit[0].name))
+            except InputError as exc:
+                show_error(str(exc))
+                return False
+            with_what = f"this case with {fit[0].name}"
+        self._save_status.setText(f"predicting {with_what} …")
         self._predicting = True
         self._predict_btn.setEnabled(False)
 
@@ -365,7 +380,7 @@ class AnnotatePanel(QWidget):
             self._predicting = False
             self._predict_btn.setEnabled(self._cid is not None)
 
-        run_task(predict_in_child, str(project.path), cid, on_done=done, on_error=failed,
+        run_task(predict_in_child, str(project.path), cid, model, on_done=done, on_error=failed,
                  on_finish=finished)
         return True
 
@@ -418,13 +433,14 @@ class AnnotatePanel(QWidget):
             self.set_image_label(project.image_classes[k - 1])
 
 
-def predict_in_child(project_path: str, case_id: str) -> str:
-    """``lesionseg predict --cases CASE`` with the latest model, in a short-lived child process
-    (runs in a worker thread; the window stays torch-free)."""
+def predict_in_child(project_path: str, case_id: str, model: str | None = None) -> str:
+    """``lesionseg predict --cases CASE`` with the latest model (or ``model``), in a short-lived
+    child process (runs in a worker thread; the window stays torch-free)."""
     import sys
 
     import training_backend
 
     root = str(Path(training_backend.__file__).resolve().parent.parent)
     return run_child([sys.executable, "-m", "training_backend", "predict", "--project",
-                      project_path, "--cases", case_id], pythonpath=root)
+                      project_path, "--cases", case_id, *(["--model", model] if model else [])],
+                     pythonpath=root)

@@ -10,8 +10,9 @@ without any widget. Everything here lives on the GUI thread; no Qt, no torch.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Iterator
 
 from psygnal import Signal, evented
 
@@ -92,9 +93,35 @@ class TrainingStatus:
         with self.events.blocked():
             for k, v in changes.items():
                 setattr(self, k, v)
+        batch = getattr(self, "_batch_old", None)
+        if batch is not None:  # inside `batch()`: each field's value before it, emitted at its end
+            for k, v in old.items():
+                batch.setdefault(k, v)
+            return
         for k, v in changes.items():
             if _differs(v, old[k]):
                 getattr(self.events, k).emit(v, old[k])
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Apply many events, then emit each changed field once with its final value.
+
+        Following a long run from its start replays thousands of events in one poll; emitting
+        every field change would redraw the curves once per event (quadratic in the run's
+        length). The signals `predictions_ready` and `round_finished` still fire per event.
+        """
+        if getattr(self, "_batch_old", None) is not None:  # nested: the outer one emits
+            yield
+            return
+        self._batch_old: dict[str, Any] | None = {}
+        try:
+            yield
+        finally:
+            old, self._batch_old = self._batch_old, None
+            for k, v in old.items():
+                new = getattr(self, k)
+                if _differs(new, v):
+                    getattr(self.events, k).emit(new, v)
 
     def begin(self, following: bool = False, waiting: str = "", message: str = "") -> None:
         """A new run: everything of the previous one is cleared.
@@ -175,6 +202,18 @@ class TrainingStatus:
     def _on_checkpoint(self, e) -> None:
         self.update(message=f"checkpoint at step {e.step}")
 
+    def _on_pretrained(self, e) -> None:
+        if e.networks:
+            what = (f"starts from the encoder pretrained on {e.images} images "
+                    f"({e.steps} steps): {', '.join(e.networks)}")
+        else:
+            what = f"pretrained encoder {e.note}"
+        self.update(message=f"{self.message} · {what}" if self.message else what)
+
+    def _on_init_from(self, e) -> None:
+        what = e.note or f"starts from {e.source}"
+        self.update(message=f"{self.message} · {what}" if self.message else what)
+
     def _on_finished(self, e) -> None:
         self.update(state=FINISHED, model_id=e.model_id, step=e.step, reason=e.reason,
                     fraction=1.0, eta_s=None, message=f"model {e.model_id} ready")
@@ -203,6 +242,8 @@ _HANDLERS = {
     "PredictionProgress": TrainingStatus._on_prediction_progress,
     "PredictionsReady": TrainingStatus._on_predictions,
     "CheckpointSaved": TrainingStatus._on_checkpoint,
+    "PretrainedEncoder": TrainingStatus._on_pretrained,
+    "InitFrom": TrainingStatus._on_init_from,
     "Finished": TrainingStatus._on_finished,
     "Failed": TrainingStatus._on_failed,
 }

@@ -20,7 +20,9 @@ from training_backend.config import DEVICES, METHOD_CATALOG, WINDOW_BUDGET_S, Op
 #: The fields always on view, in order.
 MAIN_FIELDS = ("method", "device", "budget_s", "steps", "image_size")
 #: The fields under "More settings" (with the method options).
-MORE_FIELDS = ("batch_size", "crop_size", "lr", "seed")
+MORE_FIELDS = ("batch_size", "crop_size", "lr", "seed", "pretrained")
+#: The choices of the "pretrained" field in the form (a path is for the command line).
+PRETRAINED_CHOICES = ("auto", "none")
 #: Labels where the field name is not one.
 LABELS = {"budget_s": "budget (s)", "image_size": "image size (px)", "batch_size": "batch size",
           "crop_size": "crop (px)",
@@ -90,6 +92,9 @@ def field_widget(name: str):
         return ComboBox(name=name, label=label, choices=[], tooltip=tip)
     if name == "device":
         return ComboBox(name=name, label=label, choices=list(DEVICES),
+                        value=config_default(name), tooltip=tip)
+    if name == "pretrained":
+        return ComboBox(name=name, label="pretrained encoder", choices=list(PRETRAINED_CHOICES),
                         value=config_default(name), tooltip=tip)
     opts = dict(WIDGET_OPTIONS[name])
     kind = {"SpinBox": SpinBox, "FloatSpinBox": FloatSpinBox}[opts.pop("widget_type")]

@@ -46,6 +46,8 @@ from training_backend.errors import InputError
 
 from napari_lesionseg import _status as st
 from napari_lesionseg._plot import LearningCurve, RunCurve
+from napari_lesionseg._pretrain_control import PretrainControl
+from napari_lesionseg._starter_control import LATEST, StartFromControl
 from napari_lesionseg._tasks import error_message, guarded, logger
 from napari_lesionseg._train_form import (
     MAIN_FIELDS,
@@ -237,9 +239,9 @@ class TrainerPanel(QWidget):
         runs_row.addWidget(self._attach_btn)
         form.addRow(self._row_labels[1], runs_row)
         lay.addLayout(form)
-        self._continue = QCheckBox("fine-tune the latest model")
-        self._continue.setToolTip("Start from the newest checkpoint instead of from scratch")
-        lay.addWidget(self._continue)
+        # scratch, the latest model or a starter model that fits (_starter_control)
+        self.start_from = StartFromControl(self.state, self._adopt_starter)
+        lay.addWidget(self.start_from)
         auto = QHBoxLayout()
         self._auto = QCheckBox("retrain after")
         self._auto_n = QSpinBox()
@@ -256,6 +258,9 @@ class TrainerPanel(QWidget):
         auto.addWidget(QLabel("new labels,"))
         auto.addWidget(self._auto_budget)
         lay.addLayout(auto)
+        # the encoder's self-supervised pretraining while no training runs (_pretrain_control)
+        self.pretrain = PretrainControl(self.state, self.settings, lambda: self.process is None)
+        lay.addWidget(self.pretrain)
         buttons = QHBoxLayout()
         self._start_btn = QPushButton("Start training")
         self._start_btn.clicked.connect(lambda: self.start())
@@ -372,6 +377,13 @@ class TrainerPanel(QWidget):
                                    f"sparse · {c.get('image_label', 0)} image labels · "
                                    f"{c.get('unlabelled', 0)} unlabelled")
 
+    def _adopt_starter(self, starter) -> None:
+        """A starter model was chosen: train at the image size (and crops) it was trained at,
+        where its features mean what they learnt."""
+        if starter.image_size:
+            self._image_size.value = starter.image_size
+        self.more_form.crop_size.value = starter.crop_size or 0
+
     def _on_method_changed(self, name: str | None) -> None:
         """Another method in the combo: the user's pick is kept while it can train (a refill
         of the list is not a pick); its usage note and option form follow."""
@@ -412,7 +424,9 @@ class TrainerPanel(QWidget):
         self.status.reset()       # nothing of the previous one's run stays on screen
         self._update_methods()
         self.curve.set_points(self._history_points(project))
-        for w in (self._start_btn, self._continue):
+        self.pretrain.set_project(project)
+        self.start_from.refresh()
+        for w in (self._start_btn, self.start_from):
             w.setEnabled(project is not None)
         self.refresh_runs()
         if project is None:
@@ -430,7 +444,7 @@ class TrainerPanel(QWidget):
                   budget_s: float | None = None, steps: int | None = None,
                   image_size: int | None = None, fine_tune: bool | None = None,
                   batch_size: int | None = None, lr: float | None = None,
-                  options: dict[str, Any] | None = None) -> None:
+                  options: dict[str, Any] | None = None, start_from: str | None = None) -> None:
         """Set the controls (what a user would type); None leaves one unchanged.
 
         Args:
@@ -439,10 +453,15 @@ class TrainerPanel(QWidget):
             budget_s: wall-clock budget in seconds (0: steps only).
             steps: optimisation steps (0: budget only).
             image_size: training resolution.
-            fine_tune: start from the latest model.
+            fine_tune: start from the latest model (False: from scratch).
             batch_size, lr: batch size and learning rate.
             options: method options by name (set after ``method``).
+            start_from: ``"scratch"``, ``"latest model"`` or a starter model offered for the
+                project (e.g. ``"fundus-starter"``; it sets the image size it was trained at,
+                so give ``image_size`` too to change that).
         """
+        if start_from is not None:
+            self.start_from.set_choice(start_from)
         if method is not None:
             if method not in self._names:
                 raise ValueError(f"method {method!r} cannot train on these labels; "
@@ -457,22 +476,22 @@ class TrainerPanel(QWidget):
             if value is not None:
                 widgets[name].value = value
         if fine_tune is not None:
-            self._continue.setChecked(bool(fine_tune))
+            self.start_from.set_choice(LATEST if fine_tune else None)
         if options:
             set_options(self.options_form, options)
 
     def settings(self, auto: bool = False) -> TrainConfig:
         """The configuration the Start button (or, with ``auto``, an automatic retrain: the
-        retrain budget, fine-tuning the latest model) would use."""
+        retrain budget, fine-tuning the latest model, else the chosen starter) would use."""
         values = config_values(self.form, self.more_form)
         values["method"] = values["method"] or config_default("method")
         if auto:
             values.update(steps=None, budget_s=self._auto_budget.value())
         first = ([self.state.case_id] if self.state.case_id else []) + [
             c for c in self.state.suggested[:PREDICT_FIRST_RANKED] if c != self.state.case_id]
-        init_from = None
+        init_from = self.start_from.init_from()
         project = self.state.project
-        if (auto or self._continue.isChecked()) and project is not None:
+        if auto and project is not None:
             latest = project.latest_model()
             if latest is not None and latest[1].get("checkpoint"):
                 init_from = latest[1]["checkpoint"]
@@ -493,6 +512,9 @@ class TrainerPanel(QWidget):
         if not self.available_methods():
             show_warning("No training method fits the labels yet: label some cases first")
             return False
+        if self.pretrain.busy:  # it holds the training lock: the run starts once it has stopped
+            self.status.message = "stopping the pretraining (it keeps its checkpoint) …"
+            return self.pretrain.stop(then=lambda: self.start(auto=auto))
         self.state.save_requested.emit()      # the annotation being painted joins this run
         self.state.reload_index()
         from training_backend.jobs.process import TrainerProcess
@@ -681,7 +703,7 @@ class TrainerPanel(QWidget):
         self._cancel_sent = False
         for form in (self.form, self.more_form, self.options_form):
             form.enabled = not running
-        for w in (self._continue, self._where, self._edit_launcher, self._refresh_runs):
+        for w in (self.start_from, self._where, self._edit_launcher, self._refresh_runs):
             w.setEnabled(not running)
         self._runs.setEnabled(not running and self._runs.currentData() is not None)
         self._attach_btn.setEnabled(not running and self._runs.currentData() is not None)
@@ -701,6 +723,8 @@ class TrainerPanel(QWidget):
         self.state.training = False
         self._set_running(False)
         self._update_methods(message=False)  # the status line says how the run ended
+        self.start_from.refresh()            # "latest model" is this run's model now
+        self.pretrain.training_ended()  # the idle pretraining may resume
         self.state.reload_index()
         if self.state.project is not None:
             self.refresh_runs()
@@ -716,7 +740,14 @@ class TrainerPanel(QWidget):
             events = proc.poll()
         except Exception as exc:  # noqa: BLE001 - broken queue
             events = [_failed(f"lost contact with the trainer: {exc}")]
-        for event in events:
+        # a followed run's history arrives in one poll: drawn once; the run's end is handled
+        # after it, so that what it starts (an automatic retrain) sees the finished state
+        end = next((i for i, e in enumerate(events)
+                    if type(e).__name__ in ("Finished", "Failed")), len(events))
+        with self.status.batch():
+            for event in events[:end]:
+                self.handle_event(event)
+        for event in events[end:]:
             self.handle_event(event)
         if (self.process is proc and not self._started_seen and hasattr(proc, "status")
                 and self.status.state == st.STARTING):
@@ -791,7 +822,8 @@ class TrainerPanel(QWidget):
 
     def close_process(self) -> None:
         """End a running trainer gracefully and wait for it (cancel, checkpoint; killed after
-        5 s) -- for closing the window."""
+        5 s) -- for closing the window; a pretraining too."""
+        self.pretrain.close_process()
         if self.process is not None:
             self.status.message = "stopping the trainer …"
             self._finish_run(wait=True)

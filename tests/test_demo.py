@@ -1,11 +1,13 @@
 """The README demo (`examples/demo.py`) ends on a case with lesions: the one whose prediction
-overlaps them best, with the prediction, annotation and CAM layers shown.
+overlaps them best, with the prediction, annotation and CAM layers shown; its training
+fine-tunes a starter model when one fits the sample's classes.
 
 No training here: model outputs are written through the store API, as inference writes them.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -166,3 +168,46 @@ def test_demo_ends_on_the_picked_case_with_its_layers(make_napari_viewer, qtbot,
     assert [n for n, shown in cams.items() if shown] == [project.classes[top - 1]]
     ws.shutdown()
     qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)
+
+
+def install_fake_starter(root: Path, classes: list[str]) -> None:
+    """A starter folder the window offers (a card and a model file; nothing loads it here)."""
+    folder = root / "fundus-starter"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights")
+    card = {"name": "fundus-starter", "classes": classes, "channels": 3, "image_size": 64,
+            "crop_size": 32, "method": "supervised", "scores": {"dice": {"EX": 0.5}}}
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("installed", ["fitting", "other classes", "none"])
+def test_demo_fine_tunes_a_starter_when_one_fits(make_napari_viewer, qtbot, project, demo,
+                                                 tmp_path, monkeypatch, installed):
+    """The demo's training starts from fundus-starter on the bundled sample, and says so; with
+    no fitting starter installed it trains from scratch and says why."""
+    from napari_lesionseg._widget import LesionWorkspace
+    from training_backend.learning import starters
+
+    root = tmp_path / "starters"
+    if installed != "none":
+        install_fake_starter(root, ["MA", "HE", "EX", "SE"] if installed == "fitting" else ["x"])
+    monkeypatch.setattr(starters, "STARTERS_DIR", root)
+    viewer = make_napari_viewer()
+    ws = LesionWorkspace(viewer)
+    ws.set_project(project)
+
+    line = demo.choose_start(ws.trainer_panel)
+
+    cfg = ws.trainer_panel.settings()
+    if installed == "fitting":
+        assert cfg.init_from == "fundus-starter" and cfg.image_size == 64 and cfg.crop_size == 32
+        assert line.startswith("fine-tuning the starter model fundus-starter (lesion classes "
+                               "MA, HE, EX, SE, as this project's; holdout Dice EX 0.50) at "
+                               "64 px, crops of 32 px")
+    else:
+        assert cfg.init_from is None
+        why = ("no starter model is installed" if installed == "none" else
+               "no starter model predicts the classes MA, HE, EX, SE (fundus-starter predicts x)")
+        assert line == f"training from scratch: {why}"
+    ws.shutdown()

@@ -475,14 +475,17 @@ def round_end_model(trainer) -> str:
     return [e for e in trainer.events_seen if type(e).__name__ == "Finished"][-1].model_id
 
 
-def test_predict_this_case_without_a_model_says_so(workspace, qtbot, sample_project, monkeypatch):
+def test_predict_this_case_without_a_model_says_so(workspace, qtbot, sample_project, monkeypatch,
+                                                  tmp_path):
     ws = workspace
     ws.open_project(sample_project)
     infos = []
     monkeypatch.setattr("napari_lesionseg._annotate_panel.show_info", infos.append)
+    monkeypatch.setattr("training_backend.learning.starters.STARTERS_DIR", tmp_path / "none")
     show(ws, qtbot, ws.project.case_ids()[0])
     assert ws.annotate_panel.predict_case() is False
-    assert infos == ["No trained model yet — start a training first"]
+    assert infos == ["No trained model yet — start a training first (no starter model is "
+                     "installed)"]
 
 
 def test_auto_retrain_after_n_new_labels(workspace, qtbot, sample_project, monkeypatch):

@@ -31,6 +31,10 @@ EXAMPLES = [
     ev.Validation(4, 0.5, {"EX": 0.5, "MA": None}), ev.ValidationFolded(4, 1, 0.5),
     ev.CheckpointSaved(4, "/p/models/m/step_000004.pt"), ev.RoundFinished(1, 7, None),
     ev.PredictionsReady("m", ("a", "b")), ev.PredictionProgress(1, 2, 0.1),
+    ev.PretrainedEncoder("/p/models/_pretrained/encoder.pt", ("net.encoder", "teacher.encoder"),
+                         40, 12),
+    ev.InitFrom("fundus-starter", 52, ("net.out.conv.conv.bias", "net.out.conv.conv.weight"),
+                "its class heads start anew"),
     ev.Finished("m", 10, "steps", "/p/x.pt"), ev.Failed("bad", "tb", user_error=True),
 ]
 
@@ -152,7 +156,7 @@ def test_train_args_give_the_config_back():
                       image_size=64, crop_size=32, lr=3e-4, device="cuda", threads=2, seed=5, rounds=2,
                       checkpoint_every_s=9.5, validate_every=7, fold_validation=0.1,
                       predict=False, mc_samples=2, predict_first=["c1", "c2"],
-                      init_from="/p/models/a/latest.pt", model_id="mt-1")
+                      init_from="/p/models/a/latest.pt", model_id="mt-1", pretrained="none")
     args = _parse(train_args(cfg, "/p q/project", resume=True))
     assert args.project == "/p q/project" and args.resume
     assert config_from_args(args) == cfg

@@ -96,6 +96,35 @@ def test_update_sets_every_field_before_any_subscriber_runs():
         status.update(steps=3)
 
 
+def test_a_batch_of_events_emits_each_changed_field_once_with_its_final_value():
+    status = TrainingStatus()
+    curves, steps, ready = [], [], []
+    status.events.loss_curve.connect(lambda new, old: curves.append((len(new), len(old))))
+    status.events.step.connect(lambda new, old: steps.append((new, old)))
+    status.predictions_ready.connect(lambda m, c: ready.append(c))
+    status.begin()
+    with status.batch():
+        status.apply(ev.Started("m", "supervised", "cpu", n_train=2, n_val=0, total_steps=900,
+                                budget_s=None))
+        for i in range(1, 301):  # a long run's history, replayed in one poll
+            status.apply(ev.Loss(step=3 * i, values={"loss": 1.0 / i}))
+            status.apply(ev.Progress(step=3 * i, total=900, elapsed_s=i, fraction=i / 300))
+        status.apply(ev.PredictionsReady("m", ("c1",)))
+        with status.batch():  # nested: the outer batch emits
+            status.update(step=901)
+            status.update(step=900)
+        assert curves == [] and steps == []        # nothing emitted yet ...
+        assert ready == [("c1",)]                  # ... except the per-event signals
+    assert curves == [(300, 0)] and steps == [(900, 0)]  # once each, final against first value
+    assert status.loss_curve[-1] == (900, pytest.approx(1 / 300))
+    with status.batch():                           # a field set back to its value: no event
+        status.update(step=5)
+        status.update(step=900)
+    assert steps == [(900, 0)]
+    status.update(step=901)                        # outside a batch: emitted at once again
+    assert steps[-1] == (901, 900)
+
+
 # ----------------------------------------------------------------------------- in the window
 class FakeProcess:
     """Stands in for `TrainerProcess`: hands over the events the test queues."""
@@ -204,6 +233,21 @@ def test_trainer_panel_widgets_follow_the_status(make_napari_viewer, qtbot, tiny
         assert trainer._bar.format() == "finished: steps · step 10"           # noqa: SLF001
         assert trainer.status_text().startswith("model m1 ready · loss 0.6000")
         assert trainer.form.enabled and trainer._start_btn.isEnabled()      # noqa: SLF001
+
+        # following a long run from its start: its history arrives in one poll, drawn once
+        drawn = []
+        real_set_run = trainer.run_curve.set_run
+        monkeypatch.setattr(trainer.run_curve, "set_run",
+                            lambda *a, **k: (drawn.append(1), real_set_run(*a, **k)))
+        assert trainer.start()
+        proc = FakeProcess.made[-1]
+        proc.queue = [events[0], *[ev.Loss(step=i, values={"loss": 1.0 / i}) for i in range(1, 2001)]]
+        drawn.clear()
+        trainer.poll()
+        assert len(trainer.run_curve.loss) == 2000 and len(drawn) == 1
+        proc.queue = [ev.Finished("m1", step=2000, reason="cancelled", checkpoint="ckpt")]
+        trainer.poll()
+        assert trainer.process is None
 
         # another project: nothing of the run stays on screen
         ws.project_panel.set_project(None)

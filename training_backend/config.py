@@ -139,6 +139,10 @@ class TrainConfig:
             parts (`events.PredictionsReady`) as they are written.
         init_from: checkpoint (path, model folder or model id) to fine-tune from.
         model_id: name of the model folder (default ``<method>-<yyyymmdd-hhmmss>``).
+        pretrained: encoder weights a fresh run starts from (not a resume, not ``init_from``):
+            "auto" uses the project's self-supervised pretrained encoder (``lesionseg
+            pretrain``) when it was pretrained with this image size, channels and network;
+            "none" never does; a path names an encoder file.
     """
 
     method: str = "supervised"
@@ -163,11 +167,14 @@ class TrainConfig:
     predict_first: list = field(default_factory=list)
     init_from: str | None = None
     model_id: str | None = None
+    pretrained: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         checks = [
+            ("pretrained", isinstance(self.pretrained, str) and bool(self.pretrained.strip()),
+             'must be "auto", "none" or the path of a pretrained encoder'),
             ("steps", self.steps is None or (int(self.steps) == self.steps and self.steps >= 1),
              "must be a positive integer"),
             ("budget_s", self.budget_s is None or self.budget_s > 0, "must be > 0 seconds"),
@@ -192,7 +199,8 @@ class TrainConfig:
         if not isinstance(self.method_options, dict):
             raise InputError("method_options", "must be a mapping of option names to values")
         if self.model_id is not None and (not self.model_id or "/" in self.model_id
-                                          or self.model_id.startswith(".")):
+                                          or self.model_id.startswith((".", "_"))):
+            # "_": the project's own folders under models/ (the pretrained encoder)
             raise InputError("model_id", f"{self.model_id!r} is not a usable folder name")
 
     @property
@@ -224,6 +232,93 @@ class TrainConfig:
         if isinstance(kw.get("model"), dict):
             kw["model"] = ModelConfig.from_dict(kw["model"])
         return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- pretraining
+#: Wall-clock budget of a pretraining when neither ``steps`` nor ``budget_s`` is given.
+PRETRAIN_BUDGET_S = 600.0
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised pretraining of the U-Net encoder on a project's own images, without
+    labels (masked image modelling, ``training_backend.learning.pretrain``); saved with the
+    pretrained encoder.
+
+    Args:
+        model: network architecture (a training with the same encoder settings reuses it).
+        image_size: side of the square images; ``TrainConfig.pretrained="auto"`` uses the
+            encoder only in a training of the same size.
+        steps: optimisation steps in all (a resumed pretraining counts those before its stop).
+        budget_s: wall-clock seconds in all (likewise). With neither, 600 s.
+        batch_size: images per step.
+        mask_ratio: share of the square patches hidden from the network, in (0, 1).
+        patch_size: side of a hidden patch in pixels (at ``image_size``).
+        lr: peak learning rate (AdamW; linear warm-up, then cosine decay).
+        weight_decay: AdamW weight decay.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        threads: CPU threads (default: all cores).
+        seed: seeds the weights, the image order, the masks and the augmentation.
+        checkpoint_every_s: seconds between checkpoints (a stop always writes one).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image_size: int = 128
+    steps: int | None = None
+    budget_s: float | None = None
+    batch_size: int = 16
+    mask_ratio: float = 0.6
+    patch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    checkpoint_every_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        checks = [
+            ("steps", self.steps is None or (int(self.steps) == self.steps and self.steps >= 1),
+             "must be a positive integer"),
+            ("budget_s", self.budget_s is None or self.budget_s > 0, "must be > 0 seconds"),
+            ("batch_size", int(self.batch_size) >= 1, "must be at least 1"),
+            ("image_size", int(self.image_size) >= 16, "must be at least 16 pixels"),
+            ("mask_ratio", 0 < float(self.mask_ratio) < 1, "must be between 0 and 1"),
+            ("patch_size", 1 <= int(self.patch_size) <= int(self.image_size),
+             "must be from 1 pixel to image_size"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("threads", self.threads is None or int(self.threads) >= 1, "must be at least 1"),
+            ("checkpoint_every_s", self.checkpoint_every_s > 0, "must be > 0"),
+        ]
+        for name, ok, problem in checks:
+            if not ok:
+                raise InputError(name, f"{problem}, got {getattr(self, name)!r}")
+
+    @property
+    def budget(self) -> float | None:
+        """Wall-clock budget in seconds (the default one when no steps are given)."""
+        if self.budget_s is not None:
+            return float(self.budget_s)
+        return PRETRAIN_BUDGET_S if self.steps is None else None
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (``model`` as a nested dict)."""
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        """Build from `to_dict` output; unknown keys (from a newer version) are ignored.
+
+        Args:
+            d: the mapping.
+        """
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in known})
 
 
 # ----------------------------------------------------------------------------- methods

@@ -99,6 +99,32 @@ class PredictionProgress:
 
 
 @dataclass(frozen=True)
+class PretrainedEncoder:
+    """A fresh run found the project's self-supervised pretrained encoder
+    (`TrainConfig.pretrained`): ``networks`` are the method's encoders that start from it (empty:
+    not used, ``note`` says why)."""
+
+    source: str                    # the encoder file
+    networks: tuple[str, ...]      # e.g. ("net.encoder", "teacher.encoder")
+    steps: int                     # pretraining steps behind it
+    images: int                    # images it was pretrained on
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class InitFrom:
+    """A fresh run fine-tunes another model (`TrainConfig.init_from`): ``kept`` of its weight
+    tensors are loaded; ``anew`` are the method's weights that start from random values
+    instead, because they depend on classes the model and the project do not share (empty:
+    the same classes); ``note`` says it in one line."""
+
+    source: str                    # the model's name (a starter, a model id) or file
+    kept: int                      # weight tensors loaded from it
+    anew: tuple[str, ...] = ()     # e.g. ("net.out.conv.conv.weight", ...)
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Finished:
     """Last event of a successful run. ``reason``: "steps" | "budget" | "cancelled"."""
 
@@ -118,7 +144,7 @@ class Failed:
 
 
 Event = Union[Started, Progress, Loss, Validation, ValidationFolded, CheckpointSaved, RoundFinished,
-              PredictionsReady, PredictionProgress, Finished, Failed]
+              PredictionsReady, PredictionProgress, PretrainedEncoder, InitFrom, Finished, Failed]
 
 #: Events after which nothing more comes.
 TERMINAL = (Finished, Failed)
@@ -153,8 +179,9 @@ def from_dict(d: dict[str, Any]) -> Event:
         raise ValueError(f"unknown event {d.get('event')!r}")
     names = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in names}
-    if "case_ids" in kwargs:
-        kwargs["case_ids"] = tuple(kwargs["case_ids"])
+    for name in ("case_ids", "networks", "anew"):
+        if name in kwargs:
+            kwargs[name] = tuple(kwargs[name])
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -162,5 +189,6 @@ def from_dict(d: dict[str, Any]) -> Event:
 
 
 __all__ = ["Started", "Progress", "Loss", "Validation", "ValidationFolded", "CheckpointSaved", "RoundFinished",
-           "PredictionsReady", "PredictionProgress", "Finished", "Failed", "Event", "TERMINAL",
+           "PredictionsReady", "PredictionProgress", "PretrainedEncoder", "InitFrom", "Finished", "Failed",
+           "Event", "TERMINAL",
            "EVENT_TYPES", "to_dict", "from_dict"]

@@ -17,6 +17,8 @@ from training_backend.errors import LesionsegError
 VERB_MODULES = (
     "training_backend.cli.data",   # import, export, info, sample
     "training_backend.cli.train",  # train, predict, evaluate, methods
+    "training_backend.cli.models",  # models (starters and a project's)
+    "training_backend.cli.pretrain",  # pretrain
     "training_backend.cli.rank",   # rank, strategies
     "training_backend.cli.simulate",  # simulate
 )

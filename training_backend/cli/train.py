@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable; VALUE parsed as JSON when possible)")
     t.add_argument("--init-from", metavar="CKPT", help="fine-tune from a checkpoint, model folder or model id")
+    t.add_argument("--pretrained", default="auto", metavar="auto|none|PATH",
+                   help="a fresh run's encoders start from the project's self-supervised "
+                   "pretrained encoder (`lesionseg pretrain`): auto (default) when it was "
+                   "pretrained at this image size and network, none never, or an encoder file")
     t.add_argument("--no-predict", action="store_true", help="do not write predictions at the end")
     t.add_argument("--predict-first", metavar="IDS",
                    help="comma-separated case ids predicted first after a round (the rest follow)")
@@ -169,6 +173,15 @@ class ProgressPrinter:
         elif isinstance(event, ev.RoundFinished):
             dice = "-" if event.dice is None else f"{event.dice:.3f}"
             self._line(f"round {event.round} done: {event.n_annotations} labelled cases, dice {dice}")
+        elif isinstance(event, ev.InitFrom):
+            self._line(event.note or f"starts from {event.source} ({event.kept} weight tensors)")
+        elif isinstance(event, ev.PretrainedEncoder):
+            if event.networks:
+                self._line(f"encoders {', '.join(event.networks)} start from the pretrained "
+                           f"encoder ({event.steps} steps on {event.images} images)"
+                           + (f"; {event.note}" if event.note else ""))
+            else:
+                self._line(f"pretrained encoder {event.note} ({event.source})")
         elif isinstance(event, ev.PredictionProgress) and event.done == event.total:
             self._line(f"predictions written for {event.total} cases in {event.elapsed_s:.0f} s")
         elif isinstance(event, (ev.Finished, ev.Failed)) and self._open_line:
@@ -241,7 +254,7 @@ def config_from_args(args: argparse.Namespace):
         validate_every=args.validate_every, predict=not args.no_predict,
         **({} if args.fold_validation is None else {"fold_validation": args.fold_validation}),
         mc_samples=args.mc_samples, init_from=args.init_from, model_id=args.model_id,
-        predict_first=first)
+        predict_first=first, pretrained=args.pretrained)
 
 
 def _launch(args: argparse.Namespace, config) -> int:

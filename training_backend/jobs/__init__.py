@@ -1,1 +1,1 @@
-"""Running the trainer: the trainer in its own process, runs followed through the project (events.jsonl, heartbeat, stop requests), launchers (ssh, sbatch), one training per project. No torch at import."""
+"""Running the trainer: the trainer in its own process, runs followed through the project (events.jsonl, heartbeat, stop requests), launchers (ssh, sbatch), one training per project, the pretrained encoder's files. No torch at import."""

@@ -98,6 +98,8 @@ def train_args(config: TrainConfig, project: str | os.PathLike, resume: bool = F
         a += ["--option", f"{key}={_option_value(value)}"]
     if config.init_from:
         a += ["--init-from", str(config.init_from)]
+    if config.pretrained != defaults.pretrained:
+        a += ["--pretrained", config.pretrained]
     if config.model_id:
         a += ["--model-id", config.model_id]
     if not config.predict:

@@ -2,7 +2,8 @@
 
 `TrainerProcess` runs `trainer.run_training` in a child started with the ``spawn`` method (a fresh
 interpreter: no inherited Qt/GL state, no forked threads) and forwards its events through a
-``multiprocessing`` queue. The GUI calls `poll` from a timer; nothing blocks.
+``multiprocessing`` queue. The GUI calls `poll` from a timer; nothing blocks. `PretrainProcess`
+does the same for the encoder's self-supervised pretraining (`pretrain.run_pretraining`).
 
 * `cancel` sets an event the loop polls every step: the step finishes, a checkpoint is written and
   the last event is ``Finished(reason="cancelled")``;
@@ -31,21 +32,33 @@ from typing import Iterator
 from training_backend.events import TERMINAL, Event, Failed
 
 
+def _job(kind: str, project_path: str, config: dict, resume: bool, cancel) -> Iterator[Event]:
+    """The event stream of a job: ``"train"`` (`trainer.run_training`) or ``"pretrain"``
+    (`pretrain.run_pretraining`)."""
+    if kind == "pretrain":
+        from training_backend.config import PretrainConfig
+        from training_backend.learning.pretrain import run_pretraining
+
+        return run_pretraining(project_path, PretrainConfig.from_dict(config), resume=resume,
+                               cancel=cancel)
+    from training_backend.learning.trainer import TrainConfig, run_training
+
+    return run_training(project_path, TrainConfig.from_dict(config), resume=resume, cancel=cancel)
+
+
 def _child_main(project_path: str, config: dict, resume: bool, events, cancel_event,
-                parent_pid: int) -> None:
-    """Entry point of the spawned child: run the loop, put every event on the queue."""
+                parent_pid: int, kind: str = "train") -> None:
+    """Entry point of the spawned child: run the job, put every event on the queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the parent's business
     try:
         from training_backend.learning.runtime import keep_freed_memory
-        from training_backend.learning.trainer import TrainConfig, run_training
 
         keep_freed_memory()
-        cfg = TrainConfig.from_dict(config)
 
         def cancelled() -> bool:
             return cancel_event.is_set() or os.getppid() != parent_pid
 
-        for event in run_training(project_path, cfg, resume=resume, cancel=cancelled):
+        for event in _job(kind, project_path, config, resume, cancelled):
             events.put(event)
     except BaseException as exc:  # noqa: BLE001 - the parent must hear about anything
         from training_backend.errors import LesionsegError
@@ -90,6 +103,9 @@ class TrainerProcess:
         resume: continue ``config.model_id`` from its last checkpoint.
     """
 
+    #: What the child runs (`_job`).
+    kind = "train"
+
     def __init__(self, project_path: str | os.PathLike, config, resume: bool = False):
         self.project_path = str(Path(project_path))
         self.config = config
@@ -112,7 +128,7 @@ class TrainerProcess:
         self._process = self._ctx.Process(
             target=_child_main, name="lesionseg-trainer", daemon=True,
             args=(self.project_path, config_dict, self.resume, self._queue,
-                  self._cancel, os.getpid()))
+                  self._cancel, os.getpid(), self.kind))
         with _hide_main_module():
             self._process.start()
         # The child holds its own copy of the queue's write end now. Closing ours means that a
@@ -238,3 +254,17 @@ class TrainerProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PretrainProcess(TrainerProcess):
+    """A pretraining of the project's encoder (`pretrain.run_pretraining`) in a spawned child,
+    with `TrainerProcess`'s interface: `cancel` stops it with a checkpoint, ``resume=True``
+    continues it later.
+
+    Args:
+        project_path: the project folder.
+        config: a `config.PretrainConfig` (or its ``to_dict()`` form).
+        resume: continue the project's pretraining.
+    """
+
+    kind = "pretrain"

@@ -1,1 +1,1 @@
-"""Learning: the tensor contract (Batch, Prediction), data snapshots and augmentation, networks, losses, the methods, the one training loop (single process or torchrun), checkpoints, inference and metrics."""
+"""Learning: the tensor contract (Batch, Prediction), data snapshots and augmentation, networks, losses, the methods, the one training loop (single process or torchrun), the encoder's self-supervised pretraining, checkpoints, inference and metrics."""

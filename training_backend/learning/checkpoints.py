@@ -21,6 +21,7 @@ import torch
 
 from training_backend.project.atomic import atomic_path
 from training_backend.errors import InputError
+from training_backend.learning.starters import starter_checkpoint, starters
 
 if TYPE_CHECKING:  # pragma: no cover
     from training_backend.project.store import Project
@@ -110,7 +111,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
-        raise InputError(path, f"not a readable lesionseg checkpoint ({type(exc).__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(path, f"not a readable lesionseg checkpoint ({type(exc).__name__}"
+                               f"{': ' + first if first else ''})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise InputError(path, "not a lesionseg checkpoint (no model/meta)")
     return ckpt
@@ -121,7 +124,8 @@ def resolve_checkpoint(project: Project | None, ref: str | os.PathLike) -> Path:
 
     Args:
         project: the project whose ``models/`` and registered models are searched (may be None).
-        ref: ``.pt`` file, model folder (its ``latest.pt``), or model id.
+        ref: ``.pt`` file, model folder (its ``latest.pt``), model id, or the name of a
+            starter model shipped with the package (`training_backend.learning.starters`).
     """
     p = Path(ref)
     if p.is_file():
@@ -135,7 +139,23 @@ def resolve_checkpoint(project: Project | None, ref: str | os.PathLike) -> Path:
         info = project.models().get(str(ref))
         if info and info.get("checkpoint") and Path(info["checkpoint"]).is_file():
             return Path(info["checkpoint"])
-    raise InputError(ref, "no such checkpoint file, model folder or model id")
+    # a starter model shipped with the package (after the project's own ids: a user's model
+    # of that name wins); a starter whose model file is missing raises by name
+    shipped = starter_checkpoint(str(ref))
+    if shipped is not None:
+        return shipped
+    raise InputError(ref, "no such checkpoint file, model folder, model id or starter model"
+                          f"{_starter_hint()}")
+
+
+def _starter_hint() -> str:
+    """`` (starter models: a, b)`` for an error message; empty when none is shipped or the
+    cards cannot be read."""
+    try:
+        names = list(starters())
+    except InputError:
+        return ""
+    return f" (starter models: {', '.join(names)})" if names else ""
 
 
 def check_compatible(project: Project, meta: dict, path: str | os.PathLike) -> None:
@@ -150,6 +170,12 @@ def check_compatible(project: Project, meta: dict, path: str | os.PathLike) -> N
         path: checkpoint path (for the message).
     """
     classes = list(meta.get("classes") or [])
+    if meta.get("starter"):  # a shipped starter: say which, and what it predicts
+        if classes != project.classes:
+            raise InputError(path, f"starter model {meta['starter']} predicts the lesion classes "
+                                   f"{', '.join(classes)}; project {project.path.name} has "
+                                   f"{', '.join(project.classes)}")
+        return
     if int(meta["n_classes"]) != len(project.classes):
         raise InputError(path, f"model predicts {meta['n_classes']} lesion class(es) {classes}; "
                                f"project {project.path.name} has {len(project.classes)} {project.classes}")

@@ -33,9 +33,9 @@ from training_backend.learning import distributed
 from training_backend.jobs import runs, trainlock
 from training_backend.learning.data import Preprocessor, TrainingSet, build_training_set, project_channels
 from training_backend.errors import InputError, LesionsegError, ProjectError
-from training_backend.events import (CheckpointSaved, Event, Failed, Finished, Loss, PredictionProgress,
-                                     PredictionsReady, Progress, RoundFinished, Started, Validation,
-                                     ValidationFolded)
+from training_backend.events import (CheckpointSaved, Event, Failed, Finished, InitFrom, Loss,
+                                     PredictionProgress, PredictionsReady, PretrainedEncoder, Progress,
+                                     RoundFinished, Started, Validation, ValidationFolded)
 from training_backend.learning.checkpoints import (CHECKPOINT_FORMAT, latest_model_with_checkpoint, link_latest,
                                           load_checkpoint, model_dir, resolve_device, save_checkpoint)
 from training_backend.config import DEFAULT_BUDGET_S, KIND_WORDS, TrainConfig  # noqa: F401  (re-exported)
@@ -159,16 +159,36 @@ def train(project_path: str | os.PathLike, config: TrainConfig, resume: bool = F
         LesionsegError: a user error (one-line message).
         RuntimeError: any other failure (message and traceback).
     """
-    for event in run_training(project_path, config, resume=resume, cancel=cancel):
+    return drain(run_training(project_path, config, resume=resume, cancel=cancel), "training",
+                 on_event)
+
+
+def drain(events: Iterator[Event], what: str, on_event: Callable[[Event], Any] | None = None
+          ) -> Finished:
+    """Run an event stream (a training's, a pretraining's) to its end.
+
+    Args:
+        events: the stream; its last event is `Finished` or `Failed`.
+        what: what it is, for the messages ("training").
+        on_event: called with every event.
+
+    Returns:
+        The `Finished` event.
+
+    Raises:
+        LesionsegError: a user error (one-line message).
+        RuntimeError: any other failure (message and traceback).
+    """
+    for event in events:
         if on_event is not None:
             on_event(event)
         if isinstance(event, Failed):
             if event.user_error:
                 raise LesionsegError(event.message)
-            raise RuntimeError(f"training failed: {event.message}\n{event.traceback}")
+            raise RuntimeError(f"{what} failed: {event.message}\n{event.traceback}")
         if isinstance(event, Finished):
             return event
-    raise RuntimeError("training ended without a Finished event")  # pragma: no cover
+    raise RuntimeError(f"{what} ended without a Finished event")  # pragma: no cover
 
 
 class _Run:
@@ -182,6 +202,8 @@ class _Run:
         self._cancel = cancel or (lambda: False)
         self.dist = distributed.DistContext()
         self.log: runs.RunWriter | None = None    # rank 0's run record in the project
+        self.pretrained: PretrainedEncoder | None = None  # the pretrained encoder it started from
+        self.init_event: InitFrom | None = None  # what it kept of the model it fine-tunes
         self.averager: distributed.GradientAverager | None = None
 
     def cancel(self) -> bool:
@@ -244,7 +266,7 @@ class _Run:
 
     # ---- set-up
     def _setup(self) -> None:
-        from training_backend.learning.checkpoints import check_compatible, resolve_checkpoint
+        from training_backend.learning.checkpoints import resolve_checkpoint
         from training_backend.learning.methods import METHODS, create_method
 
         ctx = distributed.env_context()
@@ -290,8 +312,7 @@ class _Run:
             channels = int(ckpt["meta"]["in_channels"])
         elif cfg.init_from:
             init_path = resolve_checkpoint(project, cfg.init_from)
-            init = load_checkpoint(init_path)
-            check_compatible(project, init["meta"], init_path)
+            init = load_checkpoint(init_path)  # other classes: what fits is kept (below)
             channels = int(init["meta"]["in_channels"])
         else:
             channels = project_channels(project)
@@ -326,12 +347,19 @@ class _Run:
                 _set_rng_state(ckpt["rng"], self.generator, self.device)
         elif init is not None:
             own = self.method.state_dict()
-            usable = {k_: v for k_, v in init["model"].items() if k_ in own and own[k_].shape == v.shape}
+            anew = self._class_specific_weights(init["meta"])
+            usable = {k_: v for k_, v in init["model"].items()
+                      if k_ in own and own[k_].shape == v.shape and k_ not in anew}
             if not usable:
                 raise InputError(cfg.init_from, "no weights of this checkpoint fit the "
                                                 f"{cfg.method!r} model")
             self.method.load_state_dict(usable, strict=False)
             self.method.start_new_run()
+            self.init_event = self._init_event(init["meta"], len(usable), anew)
+        else:  # a fresh run: the project's self-supervised encoder, when it fits (encoder_init)
+            from training_backend.learning.encoder_init import start_from_pretrained
+
+            self.pretrained = start_from_pretrained(project, self.method, cfg, channels)
         if self.dist.enabled:
             self._join_ranks()
         if main:
@@ -339,6 +367,42 @@ class _Run:
             for stale in self.mdir.glob(".*.tmp-*"):  # left by a run killed while saving
                 stale.unlink(missing_ok=True)
             atomic_write_json(self.mdir / "config.json", cfg.to_dict())
+
+    def _init_event(self, meta: dict, kept: int, anew: set[str]) -> InitFrom:
+        """What the run keeps of the model it fine-tunes (``meta``: that model's), in one line
+        when its classes are not the project's (the heads for them start anew)."""
+        project = self.project
+        name = str(meta.get("starter") or meta.get("model_id") or self.cfg.init_from)
+        note = ""
+        if anew:
+            theirs, ours = list(meta.get("classes") or []), project.classes
+            what = (f"lesion classes {', '.join(theirs) or '?'}, this project "
+                    f"{', '.join(ours)}" if theirs != ours else
+                    f"image classes {', '.join(meta.get('image_classes') or []) or '?'}, this "
+                    f"project {', '.join(project.image_classes)}")
+            note = (f"{name} has the {what}: its class heads start anew ({len(anew)} weight "
+                    f"tensors); the other {kept} are kept")
+        return InitFrom(name, kept, tuple(sorted(anew)), note)
+
+    def _class_specific_weights(self, meta: dict) -> set[str]:
+        """The weights whose meaning depends on the lesion (or image) classes, when those of
+        the checkpoint being fine-tuned (``meta``) are not the project's: they start anew,
+        the rest (encoder, decoder) is kept. Found by building the method with one class
+        more and comparing shapes."""
+        from training_backend.learning.methods import create_method
+
+        project, cfg = self.project, self.cfg
+        same = list(meta.get("classes") or []) == project.classes
+        same_img = list(meta.get("image_classes") or []) == project.image_classes
+        if same and same_img:
+            return set()
+        with torch.random.fork_rng(devices=[]):  # the run's random streams stay as they were
+            probe = create_method(cfg.method, in_channels=self.channels,
+                                  n_classes=len(project.classes) + (not same),
+                                  n_image_classes=len(project.image_classes) + (not same_img),
+                                  model=cfg.model, **cfg.method_options).state_dict()
+        return {k for k, v in self.method.state_dict().items()
+                if k not in probe or probe[k].shape != v.shape}
 
     def _join_ranks(self) -> None:
         """Rank 0's weights everywhere, a sampling stream of its own per rank (`distributed`)."""
@@ -447,6 +511,10 @@ class _Run:
         main = self.dist.is_main
         yield Started(self.model_id, cfg.method, str(self.device), self.ts.n_train, self.ts.n_val,
                       total, budget, start_step=self.step, world_size=self.dist.world_size)
+        if self.init_event is not None and main:
+            yield self.init_event  # what it kept of the model it fine-tunes (class heads anew)
+        if self.pretrained is not None and main:
+            yield self.pretrained  # which encoders start from the pretrained one (or why none)
 
         t0 = time.monotonic()
         paused = 0.0  # seconds spent predicting between rounds (not training time)
@@ -587,5 +655,8 @@ class _Run:
             "n_train": self.ts.n_train, "n_val": self.n_val_scored,
             "n_annotations": self.ts.n_annotated, "elapsed_s": round(end_elapsed, 3),
             "image_size": cfg.image_size, "channels": self.channels, "config": cfg.to_dict(),
+            "pretrained": None if not (self.pretrained and self.pretrained.networks) else {
+                "source": self.pretrained.source, "networks": list(self.pretrained.networks),
+                "steps": self.pretrained.steps, "images": self.pretrained.images},
         })
         yield Finished(self.model_id, self.step, reason, str(path))
