@@ -20,6 +20,9 @@ With 4 full cases the trainer holds 1 of them out for validation.
 several lesion classes (class k is drawn with intensity 230 - 60 (k-1)), RGB cases (e.g. a mostly
 grey project with one RGB image, like BUSI). ``make_tiny_project(path, ...)`` is the same outside
 pytest (``from conftest import make_tiny_project``).
+
+``workspace`` (GUI tests) is the lesion workspace docked in a napari viewer, shut down after the
+test once its background tasks have ended.
 """
 from __future__ import annotations
 
@@ -145,3 +148,18 @@ def bundled_sample(bundled_sample_template, tmp_path):
     path = tmp_path / "sample"
     shutil.copytree(bundled_sample_template, path)
     return path
+
+
+@pytest.fixture()
+def workspace(make_napari_viewer, qtbot):
+    """The lesion workspace docked in a napari viewer (GUI tests); shut down after the test,
+    once its background tasks have ended."""
+    from napari_lesionseg._tasks import running_tasks
+    from napari_lesionseg._widget import LesionWorkspace
+
+    viewer = make_napari_viewer()
+    ws = LesionWorkspace(viewer)
+    viewer.window.add_dock_widget(ws, name="Lesion workspace")
+    yield ws
+    ws.shutdown()
+    qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)

@@ -13,21 +13,9 @@ from qtpy.QtWidgets import QMessageBox
 
 from napari_lesionseg import _pretrain_control
 from napari_lesionseg._status import TrainingStatus
-from napari_lesionseg._tasks import running_tasks
-from napari_lesionseg._widget import LesionWorkspace
 from training_backend.jobs.pretrain_record import read_meta
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture()
-def workspace(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    ws = LesionWorkspace(viewer)
-    viewer.window.add_dock_widget(ws, name="Lesion workspace")
-    yield ws
-    ws.shutdown()
-    qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)
 
 
 def kinds(events) -> list[str]:

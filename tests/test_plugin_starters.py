@@ -14,8 +14,6 @@ import pytest
 from conftest import make_tiny_project
 from napari_lesionseg import _starter_control
 from napari_lesionseg._layers import PREDICTION
-from napari_lesionseg._tasks import running_tasks
-from napari_lesionseg._widget import LesionWorkspace
 from training_backend.learning import starters
 from training_backend.project.store import Project
 
@@ -46,16 +44,6 @@ def shipped(tmp_path, monkeypatch, trained) -> Path:
     root = tmp_path / "starters"
     monkeypatch.setattr(starters, "STARTERS_DIR", root)
     return starters.export_starter(trained, root / NAME, dict(CARD))
-
-
-@pytest.fixture()
-def workspace(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    ws = LesionWorkspace(viewer)
-    viewer.window.add_dock_widget(ws, name="Lesion workspace")
-    yield ws
-    ws.shutdown()
-    qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)
 
 
 @pytest.fixture()

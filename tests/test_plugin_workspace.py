@@ -42,16 +42,6 @@ def sample_project(sample_template, tmp_path):
     return path
 
 
-@pytest.fixture()
-def workspace(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    ws = LesionWorkspace(viewer)
-    viewer.window.add_dock_widget(ws, name="Lesion workspace")
-    yield ws
-    ws.shutdown()
-    qtbot.waitUntil(lambda: running_tasks() == 0, timeout=10_000)
-
-
 def show(ws, qtbot, cid):
     ws.go_to(cid)
     qtbot.waitUntil(lambda: ws.annotate_panel.shown_case == cid, timeout=10_000)
