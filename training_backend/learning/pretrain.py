@@ -61,7 +61,7 @@ from training_backend.learning.checkpoints import CHECKPOINT_FORMAT, load_checkp
 from training_backend.learning.data import Preprocessor, augment_batch, project_channels
 from training_backend.learning.encoder_init import ENCODER_KIND
 from training_backend.learning.models import _ACT, _NORMS, Encoder, pad_to_multiple
-from training_backend.learning.trainer import REPORT_EVERY_S, drain, lr_factor
+from training_backend.learning.trainer import REPORT_EVERY_S, drain, lr_factor, stop_reason
 from training_backend.project.atomic import atomic_write_json, remove_dead_temporaries
 from training_backend.project.records import now_iso
 from training_backend.project.store import Project
@@ -357,14 +357,7 @@ class _Pretraining:
         start_step = self.step
         self.model.train()
         while True:
-            if total is not None and self.step >= total:
-                reason = "steps"
-            elif budget is not None and elapsed() >= budget:
-                reason = "budget"
-            elif self.cancel():
-                reason = "cancelled"
-            else:
-                reason = None
+            reason = stop_reason(self.step, total, elapsed, budget, self.cancel)
             if reason:
                 break
             frac = fraction()

@@ -163,6 +163,24 @@ def train(project_path: str | os.PathLike, config: TrainConfig, resume: bool = F
                  on_event)
 
 
+def stop_reason(step: int, total: int | None, elapsed: Callable[[], float],
+                budget: float | None, cancel: Callable[[], bool]) -> str | None:
+    """Why a loop stops before its next step (``"steps"``, ``"budget"``, ``"cancelled"``), or None.
+
+    Args:
+        step: steps done; total: the step count (None: none).
+        elapsed: seconds of the budget spent so far; budget: the budget (None: none).
+        cancel: whether a stop was asked for.
+    """
+    if total is not None and step >= total:
+        return "steps"
+    if budget is not None and elapsed() >= budget:
+        return "budget"
+    if cancel():
+        return "cancelled"
+    return None
+
+
 def drain(events: Iterator[Event], what: str, on_event: Callable[[Event], Any] | None = None
           ) -> Finished:
     """Run an event stream (a training's, a pretraining's) to its end.
@@ -564,12 +582,7 @@ class _Run:
         while True:
             frac = 0.0
             if main:  # rank 0 decides for every rank (distributed.control)
-                if total is not None and self.step >= total:
-                    reason = "steps"
-                elif budget is not None and elapsed() >= budget:
-                    reason = "budget"
-                elif self.cancel():
-                    reason = "cancelled"
+                reason = reason or stop_reason(self.step, total, elapsed, budget, self.cancel)
                 frac = fraction()
             reason, frac = distributed.control(self.dist, reason, frac, self.device)
             if reason:
